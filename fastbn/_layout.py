@@ -1,0 +1,75 @@
+"""Choose the kernel layout of an input without copying when possible.
+
+The kernels know two layouts:
+
+``"outer"``  channels outside the contiguous run: ``x`` viewed as ``(N, C, S)``,
+             S = prod(spatial dims), C-contiguous (NCHW, NCDHW, ``(N, C, L)``).
+``"inner"``  channels are the contiguous run: ``x`` viewed as ``(M, C)`` (2-D
+             ``(N, C)``, and channels-last NHWC / NDHWC memory seen as NCHW / NCDHW).
+
+Anything else is copied to C order first. This module only uses attributes that
+NumPy and CuPy arrays share, so both backends use it.
+"""
+from dataclasses import dataclass
+from math import prod
+
+
+@dataclass
+class Plan:
+    kind: str        # "outer" or "inner"
+    view: object     # (N, C, S) or (M, C) view of the (possibly copied) input
+    shape: tuple     # the user's shape
+    count: int       # values per channel (N * S)
+
+    def empty_output(self, xp, dtype):
+        """Allocate an output in the same memory layout; return (user_array, kernel_view)."""
+        n_chan = self.shape[1]
+        if self.kind == "inner" and len(self.shape) > 2 and prod(self.shape[2:]) > 1:
+            last = (self.shape[0],) + tuple(self.shape[2:]) + (n_chan,)
+            out = xp.empty(last, dtype=dtype)
+            return xp.moveaxis(out, -1, 1), out.reshape(-1, n_chan)
+        out = xp.empty(self.shape, dtype=dtype)
+        return out, self.view_of(out)
+
+    def view_of(self, a):
+        """View ``a`` (same shape as the input, same layout kind) as the kernel sees it."""
+        n_chan = self.shape[1]
+        if self.kind == "outer":
+            return a.reshape(self.shape[0], n_chan, -1)
+        if len(self.shape) > 2 and prod(self.shape[2:]) > 1:
+            return a.transpose((0,) + tuple(range(2, a.ndim)) + (1,)).reshape(-1, n_chan)
+        return a.reshape(-1, n_chan)
+
+    def conform(self, xp, a):
+        """Kernel view of ``a`` in this plan's layout, copying only when ``a``'s differs."""
+        n_chan = self.shape[1]
+        if self.kind == "outer":
+            return xp.ascontiguousarray(a).reshape(self.shape[0], n_chan, -1)
+        if len(self.shape) > 2 and prod(self.shape[2:]) > 1:
+            last = xp.ascontiguousarray(xp.moveaxis(a, 1, -1))
+            return last.reshape(-1, n_chan)
+        return xp.ascontiguousarray(a).reshape(-1, n_chan)
+
+
+def _channels_last(x):
+    """True when moving axis 1 last gives a C-contiguous array (NHWC memory)."""
+    axes = (0,) + tuple(range(2, x.ndim)) + (1,)
+    return x.transpose(axes).flags.c_contiguous
+
+
+def plan(xp, x):
+    """Pick the layout for ``x`` (ndim >= 2, channels on axis 1)."""
+    shape = tuple(x.shape)
+    n_batch, n_chan = shape[0], shape[1]
+    spatial = prod(shape[2:])
+    count = n_batch * spatial
+    if x.ndim == 2 or spatial == 1:
+        flat = x.reshape(n_batch, n_chan) if x.ndim > 2 else x
+        return Plan("inner", xp.ascontiguousarray(flat), shape, count)
+    if x.flags.c_contiguous:
+        return Plan("outer", x.reshape(n_batch, n_chan, spatial), shape, count)
+    if _channels_last(x):
+        view = x.transpose((0,) + tuple(range(2, x.ndim)) + (1,)).reshape(-1, n_chan)
+        return Plan("inner", view, shape, count)
+    return Plan("outer", xp.ascontiguousarray(x).reshape(n_batch, n_chan, spatial),
+                shape, count)

@@ -1,0 +1,42 @@
+"""Per-channel arithmetic shared by the backends (float64, O(C) work).
+
+Everything here works on NumPy and CuPy arrays alike, so the running-statistics
+update is the same code on both devices.
+"""
+
+
+def split_hi_lo(xp, value64, dtype):
+    """Split float64 ``value64`` into ``hi + lo`` of ``dtype``.
+
+    ``(x - hi) - lo`` then equals ``x - value64`` to the precision of ``dtype``
+    relative to ``|x - value64|``, even when ``|value64|`` is huge.
+    """
+    hi = value64.astype(dtype)
+    lo = (value64 - hi.astype(xp.float64)).astype(dtype)
+    return hi, lo
+
+
+def invstd_from_var(xp, var64, eps):
+    return 1.0 / xp.sqrt(var64 + eps)
+
+
+def affine_coefficients(xp, mean64, invstd64, weight, bias, dtype):
+    """(hi, lo, scale, shift) with ``y = ((x - hi) - lo) * scale + shift``."""
+    hi, lo = split_hi_lo(xp, mean64, dtype)
+    scale = invstd64 if weight is None else invstd64 * weight.astype(xp.float64)
+    shift = xp.zeros(mean64.shape, dtype) if bias is None else bias.astype(dtype, copy=False)
+    return hi, lo, scale.astype(dtype), xp.ascontiguousarray(shift)
+
+
+def update_running_stats(xp, running_mean, running_var, mean64, m2_64, count, momentum):
+    """PyTorch's update, in float64, written into the caller's arrays in place.
+
+    ``running_var`` takes the unbiased variance ``m2 / (count - 1)``.
+    """
+    if running_mean is not None:
+        new = momentum * mean64 + (1.0 - momentum) * running_mean.astype(xp.float64)
+        running_mean[...] = new.astype(running_mean.dtype)
+    if running_var is not None:
+        unbiased = m2_64 / (count - 1)
+        new = momentum * unbiased + (1.0 - momentum) * running_var.astype(xp.float64)
+        running_var[...] = new.astype(running_var.dtype)

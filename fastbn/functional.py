@@ -1,0 +1,140 @@
+"""Functional batch normalization, mirroring ``torch.nn.functional.batch_norm``
+and aten's ``native_batch_norm`` / ``native_batch_norm_backward``.
+
+Inputs are NumPy arrays (CPU kernels) or CuPy arrays (CUDA kernels) with
+channels on axis 1 and any rank >= 2. All arguments are checked before any
+array is written, so a call that raises changes nothing.
+"""
+
+from . import _validation as v
+from ._dispatch import backend_for
+from ._stats import invstd_from_var
+
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
+
+
+def _check_common(x, weight, bias, running_mean, running_var, training, eps):
+    v.check_input(x)
+    v.check_min_rank(x)
+    training = v.check_flag(training, "training")
+    eps = v.check_eps(eps, training)
+    arrays = {"weight": weight, "bias": bias, "running_mean": running_mean,
+              "running_var": running_var}
+    v.check_same_device(x, arrays)
+    for name, a in arrays.items():
+        v.check_channel_array(a, name, x.shape[1], x.dtype)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be arrays or both be None")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    return training, eps
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Forward batch normalization that also returns the saved statistics.
+
+    Parameters
+    ----------
+    x : numpy.ndarray or cupy.ndarray
+        Input of shape ``(N, C, *)``, float32 or float64.
+    weight, bias : array of shape (C,) or None
+        Affine parameters (``None`` means 1 and 0).
+    running_mean, running_var : array of shape (C,) or None
+        Running statistics. In training they are updated in place (when given)
+        with the batch mean and the unbiased batch variance; in eval they are
+        used to normalize and are required.
+    training : bool
+        Use batch statistics (True) or running statistics (False).
+    momentum : float
+        Weight of the new batch in the running-statistics update.
+    eps : float
+        Added to the variance; must be > 0 in training.
+
+    Returns
+    -------
+    y : array
+        Same shape and dtype as ``x``; channels-last input gives channels-last
+        output, every other input a C-contiguous one.
+    save_mean, save_invstd : array of shape (C,)
+        Batch mean and ``1/sqrt(var + eps)`` in training; empty arrays in eval
+        and for an empty batch (as PyTorch's CPU kernel returns).
+    """
+    training, eps = _check_common(x, weight, bias, running_mean, running_var, training, eps)
+    momentum = v.check_momentum(momentum, allow_none=False)
+    if training:
+        v.check_batch_size(x)
+        for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+            v.check_writable(a, name)
+    backend = backend_for(x)
+    xp = backend.xp
+    if x.size == 0:
+        empty = xp.empty((0,), x.dtype)
+        return xp.empty(x.shape, x.dtype), empty, empty.copy()
+    if training:
+        return backend.forward_train(x, weight, bias, running_mean, running_var, momentum, eps)
+    y = backend.forward_eval(x, weight, bias, running_mean, running_var, eps)
+    return y, xp.empty((0,), x.dtype), xp.empty((0,), x.dtype)
+
+
+def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, save_invstd,
+                        training, eps):
+    """Gradients of :func:`batch_norm_forward`.
+
+    Parameters
+    ----------
+    gy : array
+        Gradient of the loss w.r.t. the output, same shape and dtype as ``x``.
+    x, weight : array
+        The forward call's input and weight (``weight`` may be None).
+    running_mean, running_var : array or None
+        Used (and required) when ``training`` is False.
+    save_mean, save_invstd : array of shape (C,)
+        What :func:`batch_norm_forward` returned; used when ``training`` is True.
+    training : bool
+        Whether the forward call used batch statistics.
+    eps : float
+        The forward call's ``eps``.
+
+    Returns
+    -------
+    grad_input : array
+        Same shape as ``x`` (and the same memory layout as ``x``).
+    grad_weight, grad_bias : array of shape (C,) or None
+        ``None`` when ``weight`` is None.
+    """
+    training, eps = _check_common(x, weight, None, running_mean, running_var, training, eps)
+    v.check_input(gy, "grad_output")
+    v.check_same_device(x, {"grad_output": gy, "save_mean": save_mean,
+                            "save_invstd": save_invstd})
+    v.check_same_shape(gy, "grad_output", x, "input")
+    backend = backend_for(x)
+    xp = backend.xp
+    n_chan = x.shape[1]
+    empty = x.size == 0
+    if training:
+        for name, a in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+            if a is None:
+                raise ValueError(f"{name} is required when training=True")
+            if not (empty and a.shape == (0,)):
+                v.check_channel_array(a, name, n_chan, x.dtype)
+    if empty:
+        zeros = None if weight is None else xp.zeros(n_chan, x.dtype)
+        return xp.empty(x.shape, x.dtype), zeros, (None if zeros is None else zeros.copy())
+    if training:
+        mean, invstd = save_mean, save_invstd
+    else:
+        mean = running_mean
+        invstd = invstd_from_var(xp, running_var.astype(xp.float64), eps)
+    return backend.backward(gy, x, weight, mean, invstd, training)
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch normalization with the signature of ``torch.nn.functional.batch_norm``.
+
+    Returns only the output; running statistics are updated in place when
+    ``training`` is True and they are given.
+    """
+    y, _, _ = batch_norm_forward(x, weight, bias, running_mean, running_var, training,
+                                 momentum, eps)
+    return y
