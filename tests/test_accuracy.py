@@ -1,0 +1,75 @@
+"""Large offsets: fastbn keeps float32 results at float32 precision where PyTorch does not."""
+import numpy as np
+import pytest
+
+import fastbn
+import reference as ref
+from helpers import make
+
+CASES = [
+    ((64, 16, 8, 8), "contiguous"),
+    ((64, 16, 8, 8), "channels_last"),
+    ((4096, 8), "contiguous"),
+    ((16, 8, 300), "contiguous"),
+    ((4, 8, 3, 5, 7), "channels_last"),
+]
+
+
+def _relative_error(a, b, std):
+    """Max error relative to each channel's standard deviation."""
+    diff = np.abs(np.asarray(a, np.float64) - b)
+    axes = (0,) + tuple(range(2, diff.ndim))
+    return float((diff.max(axis=axes) / std).max())
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_float32_large_offset_matches_float64_reference(offset, shape, layout):
+    x = make(shape, np.float32, offset=offset, seed=21, layout=layout)
+    gy = make(shape, np.float32, seed=22, layout=layout)
+    y, sm, si = fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
+    ry, mean, var = ref.forward_train(x, None, None, 1e-5)
+    # y is in units of the channel's std already
+    assert _relative_error(y, ry, 1.0) < 2e-6
+    np.testing.assert_allclose(sm, mean, rtol=1e-7)
+    np.testing.assert_allclose(si, 1 / np.sqrt(var + 1e-5), rtol=1e-6)
+    w = np.ones(shape[1], np.float32)
+    gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, None, None, sm, si, True, 1e-5)
+    rgx, rgw, rgb = ref.backward(gy, x, None, mean, var, 1e-5, True)
+    assert _relative_error(gx, rgx, np.abs(rgx).max(axis=(0,) + tuple(range(2, x.ndim)))) < 1e-5
+    count = x.size // x.shape[1]
+    assert np.abs(gw - rgw).max() < 1e-5 * np.sqrt(count)
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_running_stats_at_large_offset(offset):
+    x = make((32, 4, 16, 16), np.float32, offset=offset, seed=23, layout="channels_last")
+    bn = fastbn.BatchNorm2d(4, momentum=1.0)
+    bn(x)
+    mean, var = ref.moments(x)
+    n = x.size // 4
+    np.testing.assert_allclose(bn.running_mean, mean, rtol=1e-7)
+    np.testing.assert_allclose(bn.running_var, var * n / (n - 1), rtol=1e-5)
+
+
+def test_eval_at_large_offset():
+    x = make((64, 8), np.float32, offset=1e6, seed=24)
+    rm = np.float32(1e6) + np.zeros(8, np.float32)
+    rv = np.ones(8, np.float32)
+    y = fastbn.batch_norm(x, rm, rv)
+    ry = ref.forward(x, None, None, rm.astype(np.float64), rv.astype(np.float64), 1e-5)
+    assert _relative_error(y, ry, 1.0) < 2e-6
+
+
+def test_fastbn_beats_torch_at_large_offset():
+    """The case the library exists for: torch's float32 CPU result is visibly off."""
+    torch = pytest.importorskip("torch")
+    x = make((4096, 64), np.float32, offset=1e6, seed=25)
+    ry, _, _ = ref.forward_train(x, None, None, 1e-5)
+    theirs = torch.nn.functional.batch_norm(torch.from_numpy(x), None, None,
+                                            training=True).numpy()
+    mine = fastbn.batch_norm(x, None, None, training=True)
+    err_mine = _relative_error(mine, ry, 1.0)
+    err_theirs = _relative_error(theirs, ry, 1.0)
+    assert err_mine < 2e-6
+    assert err_mine * 100 < err_theirs

@@ -1,0 +1,205 @@
+"""Functional API against PyTorch (CPU) and the float64 reference."""
+import numpy as np
+import pytest
+
+import fastbn
+import reference as ref
+from helpers import LAYOUTS, is_channels_last, make, tol
+
+torch = pytest.importorskip("torch")
+
+SHAPES = [(16, 5), (7, 3, 11), (4, 6, 5, 7), (2, 3, 4, 5, 6), (3, 4, 1, 1), (1, 3, 9), (5, 2, 1)]
+DTYPES = [np.float32, np.float64]
+
+
+def _params(c, dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(0.5, 1.5, c).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    rm = rng.standard_normal(c).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, c).astype(dtype)
+    return w, b, rm, rv
+
+
+def _torch_forward_backward(x, w, b, rm, rv, training, momentum, eps, gy):
+    xt = torch.tensor(np.ascontiguousarray(x), requires_grad=True)
+    wt = None if w is None else torch.tensor(w, requires_grad=True)
+    bt = None if b is None else torch.tensor(b, requires_grad=True)
+    rmt = None if rm is None else torch.tensor(rm)
+    rvt = None if rv is None else torch.tensor(rv)
+    y = torch.nn.functional.batch_norm(xt, rmt, rvt, wt, bt, training, momentum, eps)
+    y.backward(torch.tensor(np.ascontiguousarray(gy)))
+    out = {"y": y.detach().numpy(), "gx": xt.grad.numpy()}
+    out["gw"] = None if wt is None else wt.grad.numpy()
+    out["gb"] = None if bt is None else bt.grad.numpy()
+    out["rm"] = None if rmt is None else rmt.numpy()
+    out["rv"] = None if rvt is None else rvt.numpy()
+    return out
+
+
+def _close(a, b, dtype, scale=1.0):
+    rtol, atol = tol(dtype)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_forward_backward_matches_torch(shape, dtype, training, affine):
+    c = shape[1]
+    x = make(shape, dtype, offset=0.5, scale=2.0, seed=3)
+    gy = make(shape, dtype, seed=4)
+    w, b, rm, rv = _params(c, dtype)
+    if not affine:
+        w = b = None
+    mine_rm, mine_rv = rm.copy(), rv.copy()
+    y, save_mean, save_invstd = fastbn.batch_norm_forward(
+        x, w, b, mine_rm, mine_rv, training, 0.1, 1e-5)
+    gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, mine_rm if not training else None,
+                                            mine_rv if not training else None,
+                                            save_mean, save_invstd, training, 1e-5)
+    theirs = _torch_forward_backward(x, w, b, rm.copy(), rv.copy(), training, 0.1, 1e-5, gy)
+    _close(y, theirs["y"], dtype)
+    _close(gx, theirs["gx"], dtype)
+    _close(mine_rm, theirs["rm"], dtype)
+    _close(mine_rv, theirs["rv"], dtype)
+    if affine:
+        _close(gw, theirs["gw"], dtype, scale=shape[0] * 10)
+        _close(gb, theirs["gb"], dtype, scale=shape[0] * 10)
+    else:
+        assert gw is None and gb is None
+    assert y.dtype == x.dtype and gx.dtype == x.dtype and y.shape == x.shape
+    if training:
+        mean, var = ref.moments(x)
+        _close(save_mean, mean, dtype)
+        _close(save_invstd, 1 / np.sqrt(var + 1e-5), dtype)
+    else:
+        assert save_mean.shape == (0,) and save_invstd.shape == (0,)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(6, 4, 5, 7), (3, 5, 4, 3, 2), (9, 4, 13), (12, 7)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layouts_match_reference(layout, shape, dtype):
+    if layout == "channels_last" and len(shape) == 2:
+        pytest.skip("(N, C) is already channel-inner")
+    x = make(shape, dtype, offset=-2.0, scale=3.0, seed=5, layout=layout)
+    gy = make(shape, dtype, seed=6, layout=layout)
+    w, b, _, _ = _params(shape[1], dtype)
+    y, sm, si = fastbn.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)
+    ry, mean, var = ref.forward_train(x, w, b, 1e-5)
+    _close(y, ry, dtype)
+    gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, None, None, sm, si, True, 1e-5)
+    rgx, rgw, rgb = ref.backward(gy, x, w, mean, var, 1e-5, True)
+    _close(gx, rgx, dtype)
+    _close(gw, rgw, dtype, scale=100)
+    _close(gb, rgb, dtype, scale=100)
+    # channels-last memory stays channels-last, everything else comes back C-contiguous
+    if layout == "channels_last":
+        assert is_channels_last(y) and is_channels_last(gx)
+    else:
+        assert y.flags.c_contiguous and gx.flags.c_contiguous
+
+
+def test_channels_last_computed_without_copy(monkeypatch):
+    """The channels-last input reaches the inner kernel as a view of the caller's memory."""
+    from fastbn import _cpu
+
+    x = make((4, 6, 5, 5), np.float32, layout="channels_last")
+    seen = []
+    real = _cpu.stats_inner
+
+    def spy(view, *args):
+        seen.append(np.shares_memory(np.asarray(view), x))
+        return real(view, *args)
+
+    monkeypatch.setattr(_cpu, "stats_inner", spy)
+    fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
+    assert seen == [True]
+
+
+def test_mixed_layouts_in_backward():
+    """grad_output in another layout than x is converted, not misread."""
+    shape = (4, 3, 6, 5)
+    x = make(shape, np.float64, layout="channels_last", seed=8)
+    gy_c = make(shape, np.float64, seed=9)
+    _, sm, si = fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
+    gx1, _, _ = fastbn.batch_norm_backward(gy_c, x, None, None, None, sm, si, True, 1e-5)
+    rgx, _, _ = ref.backward(gy_c, x, None, *ref.moments(x), 1e-5, True)
+    np.testing.assert_allclose(gx1, rgx, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_norm_wrapper_updates_running_stats():
+    x = make((8, 3, 4), np.float32, offset=1.0, seed=2)
+    rm = np.zeros(3, np.float32)
+    rv = np.ones(3, np.float32)
+    y = fastbn.batch_norm(x, rm, rv, training=True, momentum=0.3)
+    mean, var = ref.moments(x)
+    n = x.size // 3
+    np.testing.assert_allclose(rm, 0.3 * mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rv, 0.7 + 0.3 * var * n / (n - 1), rtol=1e-6)
+    np.testing.assert_allclose(y, ref.forward(x, None, None, mean, var, 1e-5), rtol=1e-5,
+                               atol=1e-5)
+    y_eval = fastbn.batch_norm(x, rm, rv)   # training=False by default
+    np.testing.assert_allclose(y_eval, ref.forward(x, None, None, rm, rv, 1e-5), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.0, 0.25])
+def test_momentum_extremes(momentum):
+    x = make((10, 4), np.float64, seed=11)
+    rm = np.full(4, 5.0)
+    rv = np.full(4, 3.0)
+    fastbn.batch_norm(x, rm, rv, training=True, momentum=momentum)
+    mean, var = ref.moments(x)
+    np.testing.assert_allclose(rm, ref.running_update(np.full(4, 5.0), mean, momentum))
+    np.testing.assert_allclose(rv, ref.running_update(np.full(4, 3.0), var * 10 / 9, momentum))
+
+
+def test_empty_batch():
+    for shape in [(0, 3), (0, 3, 4, 4), (2, 3, 0)]:
+        x = np.zeros(shape, np.float32)
+        rm = np.arange(3, dtype=np.float32)
+        rv = np.ones(3, np.float32)
+        y, sm, si = fastbn.batch_norm_forward(x, None, None, rm, rv, True, 0.1, 1e-5)
+        assert y.shape == shape and sm.shape == (0,) and si.shape == (0,)
+        np.testing.assert_array_equal(rm, np.arange(3))
+        w = np.ones(3, np.float32)
+        gx, gw, gb = fastbn.batch_norm_backward(x, x, w, None, None, sm, si, True, 1e-5)
+        assert gx.shape == shape
+        np.testing.assert_array_equal(gw, 0)
+        np.testing.assert_array_equal(gb, 0)
+
+
+def test_nan_propagates_to_its_channel_only():
+    x = make((4, 3, 5), np.float64, seed=12)
+    x[1, 1, 2] = np.nan
+    y = fastbn.batch_norm(x, None, None, training=True)
+    assert np.isnan(y[:, 1]).all()
+    assert np.isfinite(y[:, [0, 2]]).all()
+
+
+def test_n1_with_spatial_is_valid_in_training():
+    x = make((1, 3, 4, 4), np.float32, seed=13)
+    y = fastbn.batch_norm(x, None, None, training=True)
+    ry, _, _ = ref.forward_train(x, None, None, 1e-5)
+    np.testing.assert_allclose(y, ry, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_backward_uses_running_stats():
+    x = make((6, 3, 4), np.float64, seed=14)
+    gy = make((6, 3, 4), np.float64, seed=15)
+    w, b, rm, rv = _params(3, np.float64)
+    gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, rm, rv, None, None, False, 1e-3)
+    rgx, rgw, rgb = ref.backward(gy, x, w, rm, rv, 1e-3, False)
+    np.testing.assert_allclose(gx, rgx, rtol=1e-12)
+    np.testing.assert_allclose(gw, rgw, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gb, rgb, rtol=1e-12, atol=1e-12)
+
+
+def test_read_only_input_is_accepted():
+    x = make((5, 3, 4), np.float32, seed=16)
+    x.flags.writeable = False
+    y = fastbn.batch_norm(x, None, None, training=True)
+    assert y.flags.writeable
