@@ -398,3 +398,20 @@ def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
             rg = &gx[r, 0]
             for c in range(n_chan):
                 rg[c] = (rdy[c] - mdy[c] - ((rx[c] - hi[c]) - lo[c]) * a[c]) * k[c]
+
+
+# ---------------------------------------------------------------------------
+# memory bandwidth probe for the benchmark
+# ---------------------------------------------------------------------------
+
+def stream_copy(const double[::1] src, double[::1] dst, int num_threads):
+    """``dst[:] = src`` split in contiguous pieces over threads (STREAM 'copy')."""
+    cdef Py_ssize_t n = src.shape[0], piece = 1 << 16
+    cdef Py_ssize_t blocks = (n + piece - 1) // piece, b, i, i1
+    with nogil:
+        for b in prange(blocks, schedule="static", num_threads=num_threads):
+            i1 = (b + 1) * piece
+            if i1 > n:
+                i1 = n
+            for i in range(b * piece, i1):
+                dst[i] = src[i]
