@@ -5,24 +5,37 @@
 Two memory layouts, each with its own kernels (the layout is chosen in Python,
 see ``fastbn/_layout.py``):
 
-* channel-outer, ``x`` seen as ``(N, C, S)`` with ``S`` contiguous (NCHW, NCDHW,
-  ``(N, C, L)``); the unit of work is one ``(n, c)`` plane of ``S`` values.
-* channel-inner, ``x`` seen as ``(M, C)`` with ``C`` contiguous (channels-last,
-  2-D ``(N, C)``); the unit of work is a fixed-size block of rows.
+* channel-outer: ``x`` seen as ``(N, C, S)`` with ``S`` contiguous (NCHW, NCDHW,
+  ``(N, C, L)``). The unit of work is one ``(n, c)`` plane of ``S`` values.
+* channel-inner: ``x`` seen as ``(M, C)`` with ``C`` contiguous (channels-last,
+  2-D ``(N, C)``). Rows are folded by a factor ``k`` into rows of ``P = k * C``
+  values so that small ``C`` (the C = 3 image stem) still gives long, vectorisable
+  inner loops; column ``j`` of a folded row belongs to channel ``j % C``. The unit
+  of work is a fixed-size block of folded rows.
 
-Determinism: every unit of work produces partial results into its own slot of a
-scratch buffer, and the partials are merged in a fixed order afterwards. The
-decomposition depends only on the shape, never on the number of threads, so the
-results are bit-identical for any thread count.
+Bytes moved. Forward-train on the channel-outer layout works channel by channel:
+the planes of one channel are reduced and then normalized back to back, so the
+second read comes from cache and DRAM sees one read and one write. Backward
+does the same with its two reductions and grad_input (two reads, one write).
+When there are too few channels to keep every thread busy, the planes are
+processed in parallel instead (one more read).
 
-Accuracy: statistics are accumulated in float64 around a shift (the first value
-of each plane or block), which keeps the variance exact for data with a large
-mean. Elementwise passes subtract the mean as a float64 value split into two
-numbers of the input's type (``hi + lo``), so ``x - mean`` keeps full precision
-even when ``|mean|`` is 1e6 times the standard deviation.
+Determinism: every unit of work yields partial statistics, and partials are
+merged in a fixed order (plane n = 0..N-1; block then folded column). The
+decomposition depends only on the shape, never on the number of threads or on
+which of the two schedules above runs, so results are bit-identical for any
+thread count.
+
+Accuracy: statistics are float64 sums around a shift (the first value of each
+plane, or the first folded row of each block) merged with Chan's formula, so the
+variance stays exact for data with a large mean. Elementwise passes compute
+``((x - hi) - lo) * scale + shift``, where ``hi + lo`` is the float64 mean split
+into two numbers of the input's type, so ``x - mean`` keeps full precision even
+when ``|mean|`` is 1e6 times the standard deviation.
 """
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
@@ -41,22 +54,16 @@ cdef extern from *:
 
 HAVE_OPENMP = bool(FASTBN_HAVE_OPENMP)
 
-# Rows per block for the channel-inner layout: a fixed function of the shape
-# only, so the merge order never depends on the thread count.
+# Channel-inner blocking, a function of the shape only (see "Determinism").
 cdef Py_ssize_t MAX_BLOCKS = 64
-cdef Py_ssize_t MIN_BLOCK_ROWS = 16
+cdef Py_ssize_t MIN_BLOCK_VALUES = 16384
+# Fold small C into folded rows of at least this many values.
+cdef Py_ssize_t FOLD_TARGET = 128
 
 
 def omp_max_threads():
     """Number of threads OpenMP would use by default (1 without OpenMP)."""
     return omp_get_max_threads()
-
-
-cdef inline Py_ssize_t _block_rows(Py_ssize_t m) noexcept nogil:
-    cdef Py_ssize_t rows = (m + MAX_BLOCKS - 1) // MAX_BLOCKS
-    if rows < MIN_BLOCK_ROWS:
-        rows = MIN_BLOCK_ROWS
-    return rows
 
 
 cdef void* _alloc(size_t nbytes) except NULL:
@@ -66,338 +73,579 @@ cdef void* _alloc(size_t nbytes) except NULL:
     return p
 
 
+cdef inline const floating* _opt(const floating[::1] a) noexcept:
+    return NULL if a is None else &a[0]
+
+
+cdef inline floating* _opt_mut(floating[::1] a) noexcept:
+    return NULL if a is None else &a[0]
+
+
+# Results are returned by value: a variable assigned in a prange body is private
+# to its thread, one written through a pointer would be shared.
+ctypedef struct Moments:
+    double mean
+    double m2
+
+
+ctypedef struct GradSums:
+    double dy       # sum(dy)
+    double dyx      # sum(dy * (x - center))
+    double x        # sum(x - center)
+
+
 # ---------------------------------------------------------------------------
-# statistics
+# per-channel arithmetic (float64), shared by both layouts
 # ---------------------------------------------------------------------------
 
-cdef inline void _plane_moments(const floating* p, Py_ssize_t s,
-                                double* mean, double* m2) noexcept nogil:
-    """Mean and sum of squared deviations of one contiguous plane."""
-    cdef double shift = p[0]
-    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0
-    cdef double q0 = 0, q1 = 0, q2 = 0, q3 = 0
-    cdef double d0, d1, d2, d3, total, sq
-    cdef Py_ssize_t i, s4 = s - s % 4
-    # Four independent accumulators: lets the compiler pipeline (and pair) the
-    # adds while keeping a fixed summation order.
-    for i in range(0, s4, 4):
-        d0 = p[i] - shift
-        d1 = p[i + 1] - shift
-        d2 = p[i + 2] - shift
-        d3 = p[i + 3] - shift
-        s0 += d0
-        s1 += d1
-        s2 += d2
-        s3 += d3
-        q0 += d0 * d0
-        q1 += d1 * d1
-        q2 += d2 * d2
-        q3 += d3 * d3
-    for i in range(s4, s):
-        d0 = p[i] - shift
-        s0 += d0
-        q0 += d0 * d0
-    total = (s0 + s1) + (s2 + s3)
-    sq = (q0 + q1) + (q2 + q3)
-    mean[0] = shift + total / s
-    sq = sq - total * (total / s)
-    m2[0] = sq if sq > 0 else 0.0
-
-
-cdef inline void _chan_merge(double* mean_a, double* m2_a, double n_a,
-                             double mean_b, double m2_b, double n_b) noexcept nogil:
-    """Merge (n_b, mean_b, m2_b) into (n_a, mean_a, m2_a) (Chan et al.)."""
+cdef inline Moments _chan_merge(Moments a, double n_a, Moments b, double n_b) noexcept nogil:
+    """Moments of the union of groups a and b (Chan, Golub & LeVeque)."""
     cdef double n = n_a + n_b
-    cdef double delta = mean_b - mean_a[0]
-    mean_a[0] = mean_a[0] + delta * (n_b / n)
-    m2_a[0] = m2_a[0] + m2_b + delta * delta * (n_a * n_b / n)
+    cdef double delta = b.mean - a.mean
+    cdef Moments r
+    r.mean = a.mean + delta * (n_b / n)
+    r.m2 = a.m2 + b.m2 + delta * delta * (n_a * n_b / n)
+    return r
 
 
-def stats_outer(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2,
-                int num_threads):
-    """Per-channel mean and M2 (sum of squared deviations) of ``x`` (N, C, S).
+cdef inline void _set_coefs(double mean, double scale, double shift, floating* hi,
+                            floating* lo, floating* sc, floating* sh) noexcept nogil:
+    """Coefficients of ``((x - hi) - lo) * sc + sh`` for one channel."""
+    hi[0] = <floating> mean
+    lo[0] = <floating> (mean - <double> hi[0])
+    sc[0] = <floating> scale
+    sh[0] = <floating> shift
 
-    Requires N >= 1 and S >= 1.
+
+cdef inline void _finish_train(Py_ssize_t c, Moments mo, double count,
+                               double eps, double momentum, const floating* w,
+                               const floating* b, floating* rm, floating* rv,
+                               floating* save_mean, floating* save_invstd, floating* hi,
+                               floating* lo, floating* sc, floating* sh) noexcept nogil:
+    """Saved statistics, running-stat update (PyTorch's, in float64) and coefficients."""
+    cdef double mean = mo.mean, m2 = mo.m2
+    cdef double invstd = 1.0 / sqrt(m2 / count + eps)
+    save_mean[c] = <floating> mean
+    save_invstd[c] = <floating> invstd
+    if rm != NULL:
+        rm[c] = <floating> (momentum * mean + (1.0 - momentum) * rm[c])
+        rv[c] = <floating> (momentum * (m2 / (count - 1)) + (1.0 - momentum) * rv[c])
+    _set_coefs(mean, invstd * (1.0 if w == NULL else w[c]), 0.0 if b == NULL else b[c],
+               &hi[c], &lo[c], &sc[c], &sh[c])
+
+
+cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
+                                  double invstd, double count,
+                                  bint training, const floating* w, floating* gw,
+                                  floating* gb, floating* hi, floating* lo, floating* k,
+                                  floating* mdy, floating* a) noexcept nogil:
+    """grad_weight / grad_bias and the coefficients of grad_input for one channel.
+
+    In training the true batch mean is ``center + sum_x / count``; the sums were
+    taken around ``center`` (the saved mean), so the correction is exact.
+    """
+    cdef double offset, sum_dy = sums.dy, sum_dyx = sums.dyx, sum_x = sums.x
+    if training:
+        offset = sum_x / count
+        center = center + offset
+        sum_dyx = sum_dyx - offset * sum_dy
+    if gw != NULL:
+        gw[c] = <floating> (sum_dyx * invstd)
+        gb[c] = <floating> sum_dy
+    hi[c] = <floating> center
+    lo[c] = <floating> (center - <double> hi[c])
+    k[c] = <floating> (invstd * (1.0 if w == NULL else w[c]))
+    mdy[c] = <floating> (sum_dy / count if training else 0.0)
+    a[c] = <floating> (sum_dyx * invstd * invstd / count if training else 0.0)
+
+
+# ---------------------------------------------------------------------------
+# contiguous-run kernels (one plane, or one row)
+# ---------------------------------------------------------------------------
+
+cdef inline Moments _run_moments(const floating* p, Py_ssize_t s) noexcept nogil:
+    """Mean and sum of squared deviations of ``s >= 1`` contiguous values."""
+    cdef double shift = p[0]
+    cdef double acc[8]
+    cdef double sq[8]
+    cdef double d, total, squares
+    cdef Moments r
+    cdef Py_ssize_t i, j, s8 = s - s % 8
+    for j in range(8):
+        acc[j] = 0
+        sq[j] = 0
+    # Eight independent lanes: a fixed summation order the compiler can vectorise.
+    for i in range(0, s8, 8):
+        for j in range(8):
+            d = p[i + j] - shift
+            acc[j] += d
+            sq[j] += d * d
+    for i in range(s8, s):
+        d = p[i] - shift
+        acc[0] += d
+        sq[0] += d * d
+    total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    squares = ((sq[0] + sq[1]) + (sq[2] + sq[3])) + ((sq[4] + sq[5]) + (sq[6] + sq[7]))
+    r.mean = shift + total / s
+    squares = squares - total * (total / s)
+    r.m2 = squares if squares > 0 else 0.0
+    return r
+
+
+cdef inline void _run_affine(const floating* x, floating* y, Py_ssize_t s, floating hi,
+                             floating lo, floating sc, floating sh) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(s):
+        y[i] = ((x[i] - hi) - lo) * sc + sh
+
+
+cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ssize_t s,
+                                    double center, GradSums acc) noexcept nogil:
+    """``acc`` plus the sums of dy, dy * (x - center), x - center over ``s`` values."""
+    cdef double g[4]
+    cdef double p[4]
+    cdef double q[4]
+    cdef double d, e
+    cdef Py_ssize_t i, j, s4 = s - s % 4
+    for j in range(4):
+        g[j] = 0
+        p[j] = 0
+        q[j] = 0
+    for i in range(0, s4, 4):
+        for j in range(4):
+            d = dy[i + j]
+            e = x[i + j] - center
+            g[j] += d
+            p[j] += d * e
+            q[j] += e
+    for i in range(s4, s):
+        d = dy[i]
+        e = x[i] - center
+        g[0] += d
+        p[0] += d * e
+        q[0] += e
+    acc.dy += (g[0] + g[1]) + (g[2] + g[3])
+    acc.dyx += (p[0] + p[1]) + (p[2] + p[3])
+    acc.x += (q[0] + q[1]) + (q[2] + q[3])
+    return acc
+
+
+cdef inline void _run_grad_input(const floating* dy, const floating* x, floating* gx,
+                                 Py_ssize_t s, floating hi, floating lo, floating k,
+                                 floating mdy, floating a) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(s):
+        gx[i] = (dy[i] - mdy - ((x[i] - hi) - lo) * a) * k
+
+
+# ---------------------------------------------------------------------------
+# channel-outer layout: (N, C, S)
+# ---------------------------------------------------------------------------
+
+cdef inline bint _per_channel(Py_ssize_t n_chan, int num_threads) noexcept nogil:
+    """Whole channels per thread (cache-resident second pass) when that keeps all busy."""
+    return n_chan >= 2 * num_threads
+
+
+def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
+                        const floating[::1] weight, const floating[::1] bias,
+                        floating[::1] running_mean, floating[::1] running_var,
+                        floating[::1] save_mean, floating[::1] save_invstd,
+                        double momentum, double eps, int num_threads):
+    """Batch statistics, running-stat update and normalization of ``x`` (N, C, S).
+
+    ``weight``/``bias``/``running_*`` may be None. Requires N * S >= 2.
     """
     cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = n_batch * n_chan, k, n, c
-    cdef double* pmean = <double*> _alloc(planes * sizeof(double))
-    cdef double* pm2 = <double*> _alloc(planes * sizeof(double))
-    cdef double acc_mean, acc_m2
+    cdef Py_ssize_t planes = n_batch * n_chan, c, n, q
+    cdef double count = <double> (n_batch * s)
+    cdef const floating* w = _opt(weight)
+    cdef const floating* b = _opt(bias)
+    cdef floating* rm = _opt_mut(running_mean)
+    cdef floating* rv = _opt_mut(running_var)
+    cdef floating* sm = &save_mean[0]
+    cdef floating* si = &save_invstd[0]
+    cdef floating* coef = <floating*> _alloc(4 * n_chan * sizeof(floating))
+    cdef floating* hi = coef
+    cdef floating* lo = coef + n_chan
+    cdef floating* sc = coef + 2 * n_chan
+    cdef floating* sh = coef + 3 * n_chan
+    cdef Moments* part = NULL
+    cdef Moments acc
+    cdef bint per_channel = _per_channel(n_chan, num_threads)
     try:
+        if not per_channel:
+            part = <Moments*> _alloc(planes * sizeof(Moments))
         with nogil:
-            for k in prange(planes, schedule="static", num_threads=num_threads):
-                _plane_moments(&x[k // n_chan, k % n_chan, 0], s, &pmean[k], &pm2[k])
-            for c in prange(n_chan, schedule="static", num_threads=num_threads):
-                acc_mean = pmean[c]
-                acc_m2 = pm2[c]
-                for n in range(1, n_batch):
-                    _chan_merge(&acc_mean, &acc_m2, <double> (n * s),
-                                pmean[n * n_chan + c], pm2[n * n_chan + c], <double> s)
-                mean[c] = acc_mean
-                m2[c] = acc_m2
+            if per_channel:
+                for c in prange(n_chan, schedule="dynamic", num_threads=num_threads):
+                    acc = _run_moments(&x[0, c, 0], s)
+                    for n in range(1, n_batch):
+                        acc = _chan_merge(acc, <double> (n * s), _run_moments(&x[n, c, 0], s),
+                                          <double> s)
+                    _finish_train(c, acc, count, eps, momentum, w, b, rm, rv,
+                                  sm, si, hi, lo, sc, sh)
+                    for n in range(n_batch):
+                        _run_affine(&x[n, c, 0], &y[n, c, 0], s, hi[c], lo[c], sc[c], sh[c])
+            else:
+                for q in prange(planes, schedule="static", num_threads=num_threads):
+                    part[q] = _run_moments(&x[q // n_chan, q % n_chan, 0], s)
+                for c in range(n_chan):
+                    acc = part[c]
+                    for n in range(1, n_batch):
+                        acc = _chan_merge(acc, <double> (n * s), part[n * n_chan + c],
+                                          <double> s)
+                    _finish_train(c, acc, count, eps, momentum, w, b, rm, rv,
+                                  sm, si, hi, lo, sc, sh)
+                for q in prange(planes, schedule="static", num_threads=num_threads):
+                    c = q % n_chan
+                    _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c],
+                                lo[c], sc[c], sh[c])
     finally:
-        free(pmean)
-        free(pm2)
+        free(coef)
+        free(part)
 
-
-def stats_inner(const floating[:, ::1] x, double[::1] mean, double[::1] m2,
-                int num_threads):
-    """Per-channel mean and M2 of ``x`` (M, C), C contiguous. Requires M >= 1."""
-    cdef Py_ssize_t m = x.shape[0], n_chan = x.shape[1]
-    cdef Py_ssize_t rows = _block_rows(m)
-    cdef Py_ssize_t blocks = (m + rows - 1) // rows
-    cdef Py_ssize_t b, r, r0, r1, c
-    cdef double* bsum = <double*> _alloc(blocks * n_chan * sizeof(double))
-    cdef double* bsq = <double*> _alloc(blocks * n_chan * sizeof(double))
-    cdef double* sh
-    cdef double* su
-    cdef double* sq
-    cdef const floating* row
-    cdef double d, cnt, acc_mean, acc_m2, bmean, bm2, tot, seen
-    try:
-        with nogil:
-            for b in prange(blocks, schedule="static", num_threads=num_threads):
-                r0 = b * rows
-                r1 = r0 + rows
-                if r1 > m:
-                    r1 = m
-                su = &bsum[b * n_chan]
-                sq = &bsq[b * n_chan]
-                memset(su, 0, n_chan * sizeof(double))
-                memset(sq, 0, n_chan * sizeof(double))
-                # shift = first row of the block
-                for r in range(r0 + 1, r1):
-                    row = &x[r, 0]
-                    for c in range(n_chan):
-                        d = row[c] - <double> x[r0, c]
-                        su[c] += d
-                        sq[c] += d * d
-            for c in prange(n_chan, schedule="static", num_threads=num_threads):
-                acc_mean = 0
-                acc_m2 = 0
-                seen = 0
-                for b in range(blocks):
-                    r0 = b * rows
-                    r1 = r0 + rows
-                    if r1 > m:
-                        r1 = m
-                    cnt = <double> (r1 - r0)
-                    tot = bsum[b * n_chan + c]
-                    bmean = <double> x[r0, c] + tot / cnt
-                    bm2 = bsq[b * n_chan + c] - tot * (tot / cnt)
-                    if bm2 < 0:
-                        bm2 = 0
-                    if b == 0:
-                        acc_mean = bmean
-                        acc_m2 = bm2
-                    else:
-                        _chan_merge(&acc_mean, &acc_m2, seen, bmean, bm2, cnt)
-                    seen = seen + cnt
-                mean[c] = acc_mean
-                m2[c] = acc_m2
-    finally:
-        free(bsum)
-        free(bsq)
-
-
-# ---------------------------------------------------------------------------
-# elementwise: y = ((x - hi) - lo) * scale + shift
-# ---------------------------------------------------------------------------
 
 def affine_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                  const floating[::1] hi, const floating[::1] lo,
-                 const floating[::1] scale, const floating[::1] shift,
-                 int num_threads):
+                 const floating[::1] scale, const floating[::1] shift, int num_threads):
     """``y[n, c, :] = ((x[n, c, :] - hi[c]) - lo[c]) * scale[c] + shift[c]``."""
     cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = x.shape[0] * n_chan, k, i, c
-    cdef const floating* px
-    cdef floating* py
-    cdef floating h, l, a, b
+    cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
     with nogil:
-        for k in prange(planes, schedule="static", num_threads=num_threads):
-            c = k % n_chan
-            px = &x[k // n_chan, c, 0]
-            py = &y[k // n_chan, c, 0]
-            h = hi[c]
-            l = lo[c]
-            a = scale[c]
-            b = shift[c]
-            for i in range(s):
-                py[i] = ((px[i] - h) - l) * a + b
+        for q in prange(planes, schedule="static", num_threads=num_threads):
+            c = q % n_chan
+            _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c], lo[c],
+                        scale[c], shift[c])
+
+
+def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                   floating[:, :, ::1] gx, const floating[::1] weight,
+                   const floating[::1] center, const double[::1] invstd, bint training,
+                   floating[::1] grad_weight, floating[::1] grad_bias, int num_threads):
+    """grad_input (and grad_weight/grad_bias when given) for ``x`` (N, C, S).
+
+    ``center`` is the saved mean (training) or the running mean (eval);
+    ``invstd`` is float64.
+    """
+    cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
+    cdef Py_ssize_t planes = n_batch * n_chan, c, n, q
+    cdef double count = <double> (n_batch * s)
+    cdef const floating* w = _opt(weight)
+    cdef floating* gw = _opt_mut(grad_weight)
+    cdef floating* gb = _opt_mut(grad_bias)
+    cdef bint need_sums = training or gw != NULL
+    cdef floating* coef = <floating*> _alloc(5 * n_chan * sizeof(floating))
+    cdef floating* hi = coef
+    cdef floating* lo = coef + n_chan
+    cdef floating* k = coef + 2 * n_chan
+    cdef floating* mdy = coef + 3 * n_chan
+    cdef floating* a = coef + 4 * n_chan
+    cdef GradSums* part = NULL
+    cdef GradSums sums, zero
+    cdef bint per_channel = _per_channel(n_chan, num_threads)
+    zero.dy = 0
+    zero.dyx = 0
+    zero.x = 0
+    try:
+        if not per_channel:
+            part = <GradSums*> _alloc(planes * sizeof(GradSums))
+        with nogil:
+            if per_channel:
+                for c in prange(n_chan, schedule="dynamic", num_threads=num_threads):
+                    sums = zero
+                    if need_sums:
+                        for n in range(n_batch):
+                            sums = _run_grad_sums(&dy[n, c, 0], &x[n, c, 0], s, center[c],
+                                                  sums)
+                    _finish_backward(c, sums, center[c], invstd[c],
+                                     count, training, w, gw, gb, hi, lo, k, mdy, a)
+                    for n in range(n_batch):
+                        _run_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s, hi[c],
+                                        lo[c], k[c], mdy[c], a[c])
+            else:
+                if need_sums:
+                    for q in prange(planes, schedule="static", num_threads=num_threads):
+                        c = q % n_chan
+                        part[q] = _run_grad_sums(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
+                                                 s, center[c], zero)
+                for c in range(n_chan):
+                    sums = zero
+                    if need_sums:
+                        for n in range(n_batch):
+                            q = n * n_chan + c
+                            sums.dy += part[q].dy
+                            sums.dyx += part[q].dyx
+                            sums.x += part[q].x
+                    _finish_backward(c, sums, center[c], invstd[c],
+                                     count, training, w, gw, gb, hi, lo, k, mdy, a)
+                for q in prange(planes, schedule="static", num_threads=num_threads):
+                    c = q % n_chan
+                    _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
+                                    &gx[q // n_chan, c, 0], s, hi[c], lo[c], k[c], mdy[c],
+                                    a[c])
+    finally:
+        free(coef)
+        free(part)
+
+
+# ---------------------------------------------------------------------------
+# channel-inner layout: (M, C), rows folded into (M // k, k * C) plus a tail
+# ---------------------------------------------------------------------------
+
+ctypedef struct Blocks:
+    # Fixed decomposition of an (M, C) array into blocks of folded rows plus a tail.
+    Py_ssize_t n_chan
+    Py_ssize_t width            # P = fold * C values in a folded row
+    Py_ssize_t body_rows        # folded rows (M // fold)
+    Py_ssize_t tail             # leftover original rows (< fold), handled last
+    Py_ssize_t rows_per_block
+    Py_ssize_t blocks
+
+
+cdef Blocks _blocks(Py_ssize_t m, Py_ssize_t n_chan) noexcept nogil:
+    cdef Blocks bl
+    cdef Py_ssize_t fold = 1 if n_chan >= FOLD_TARGET else (FOLD_TARGET + n_chan - 1) // n_chan
+    cdef Py_ssize_t by_size, by_count
+    bl.n_chan = n_chan
+    bl.width = fold * n_chan
+    bl.body_rows = m // fold
+    bl.tail = m - bl.body_rows * fold
+    by_size = (MIN_BLOCK_VALUES + bl.width - 1) // bl.width
+    by_count = (bl.body_rows + MAX_BLOCKS - 1) // MAX_BLOCKS
+    bl.rows_per_block = by_size if by_size > by_count else by_count
+    bl.blocks = (bl.body_rows + bl.rows_per_block - 1) // bl.rows_per_block
+    return bl
+
+
+cdef inline void _block_bounds(Blocks bl, Py_ssize_t blk, Py_ssize_t* r0,
+                               Py_ssize_t* r1) noexcept nogil:
+    r0[0] = blk * bl.rows_per_block
+    r1[0] = r0[0] + bl.rows_per_block
+    if r1[0] > bl.body_rows:
+        r1[0] = bl.body_rows
+
+
+cdef void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
+                        double* su, double* sq) noexcept nogil:
+    """Column sums of (x - first row) and of its square over rows [r0, r1)."""
+    cdef const floating* first = base + r0 * width
+    cdef const floating* row
+    cdef Py_ssize_t r, j
+    cdef double d
+    memset(su, 0, width * sizeof(double))
+    memset(sq, 0, width * sizeof(double))
+    for r in range(r0 + 1, r1):
+        row = base + r * width
+        for j in range(width):
+            d = <double> row[j] - <double> first[j]
+            su[j] += d
+            sq[j] += d * d
+
+
+def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
+                        const floating[::1] weight, const floating[::1] bias,
+                        floating[::1] running_mean, floating[::1] running_var,
+                        floating[::1] save_mean, floating[::1] save_invstd,
+                        double momentum, double eps, int num_threads):
+    """Channel-inner version of :func:`forward_train_outer` for ``(M, C)`` views."""
+    cdef Py_ssize_t m = x.shape[0], n_chan = x.shape[1]
+    cdef Blocks bl = _blocks(m, n_chan)
+    cdef Py_ssize_t width = bl.width, blk, r0, r1, c, j, f, groups = bl.blocks + 1
+    cdef Py_ssize_t fold = width // n_chan
+    cdef const floating* base = &x[0, 0]
+    cdef floating* out = &y[0, 0]
+    cdef const floating* w = _opt(weight)
+    cdef const floating* b = _opt(bias)
+    cdef floating* rm = _opt_mut(running_mean)
+    cdef floating* rv = _opt_mut(running_var)
+    cdef floating* sm = &save_mean[0]
+    cdef floating* si = &save_invstd[0]
+    # per group (blocks, then the tail): column sums and squares around its first row
+    cdef double* su = <double*> _alloc(2 * groups * width * sizeof(double))
+    cdef double* sq = su + groups * width
+    cdef floating* coef = <floating*> _alloc(4 * width * sizeof(floating))
+    cdef floating* hi = coef
+    cdef floating* lo = coef + width
+    cdef floating* sc = coef + 2 * width
+    cdef floating* sh = coef + 3 * width
+    cdef const floating* tail = base + bl.body_rows * width
+    cdef double cnt, seen, tot
+    cdef Moments acc, grp
+    try:
+        with nogil:
+            for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
+                _block_bounds(bl, blk, &r0, &r1)
+                _rows_moments(base, width, r0, r1, &su[blk * width], &sq[blk * width])
+            if bl.tail > 0:
+                _rows_moments(tail, n_chan, 0, bl.tail, &su[bl.blocks * width],
+                              &sq[bl.blocks * width])
+            for c in range(n_chan):
+                seen = 0
+                acc.mean = 0
+                acc.m2 = 0
+                for blk in range(bl.blocks):
+                    _block_bounds(bl, blk, &r0, &r1)
+                    cnt = <double> (r1 - r0)
+                    for f in range(fold):
+                        j = c + f * n_chan
+                        tot = su[blk * width + j]
+                        grp.mean = base[r0 * width + j] + tot / cnt
+                        grp.m2 = sq[blk * width + j] - tot * (tot / cnt)
+                        if grp.m2 < 0:
+                            grp.m2 = 0
+                        acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
+                        seen = seen + cnt
+                if bl.tail > 0:
+                    cnt = <double> bl.tail
+                    tot = su[bl.blocks * width + c]
+                    grp.mean = tail[c] + tot / cnt
+                    grp.m2 = sq[bl.blocks * width + c] - tot * (tot / cnt)
+                    if grp.m2 < 0:
+                        grp.m2 = 0
+                    acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
+                _finish_train(c, acc, <double> m, eps, momentum, w, b, rm, rv,
+                              sm, si, hi, lo, sc, sh)
+            for j in range(n_chan, width):   # tile the coefficients over the folded row
+                hi[j] = hi[j - n_chan]
+                lo[j] = lo[j - n_chan]
+                sc[j] = sc[j - n_chan]
+                sh[j] = sh[j - n_chan]
+            _inner_affine(base, out, bl, hi, lo, sc, sh, num_threads)
+    finally:
+        free(su)
+        free(coef)
+
+
+cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floating* hi,
+                        const floating* lo, const floating* sc, const floating* sh,
+                        int num_threads) noexcept nogil:
+    cdef Py_ssize_t width = bl.width, r, j, off
+    for r in prange(bl.body_rows, schedule="static", num_threads=num_threads):
+        off = r * width
+        for j in range(width):
+            y[off + j] = ((x[off + j] - hi[j]) - lo[j]) * sc[j] + sh[j]
+    off = bl.body_rows * width
+    for r in range(bl.tail * bl.n_chan):
+        y[off + r] = ((x[off + r] - hi[r]) - lo[r]) * sc[r] + sh[r]
 
 
 def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,
                  const floating[::1] hi, const floating[::1] lo,
-                 const floating[::1] scale, const floating[::1] shift,
-                 int num_threads):
+                 const floating[::1] scale, const floating[::1] shift, int num_threads):
     """``y[r, c] = ((x[r, c] - hi[c]) - lo[c]) * scale[c] + shift[c]``."""
-    cdef Py_ssize_t m = x.shape[0], n_chan = x.shape[1], r, c
-    cdef const floating* px
-    cdef floating* py
-    with nogil:
-        for r in prange(m, schedule="static", num_threads=num_threads):
-            px = &x[r, 0]
-            py = &y[r, 0]
-            for c in range(n_chan):
-                py[c] = ((px[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
-
-
-# ---------------------------------------------------------------------------
-# backward
-# ---------------------------------------------------------------------------
-
-cdef inline void _plane_grad_sums(const floating* pdy, const floating* px, Py_ssize_t s,
-                                  double center, double* out) noexcept nogil:
-    """out = [sum(dy), sum(dy * (x - center)), sum(x - center)] over one plane."""
-    cdef double g0 = 0, g1 = 0, p0 = 0, p1 = 0, x0 = 0, x1 = 0
-    cdef double d0, d1, e0, e1
-    cdef Py_ssize_t i, s2 = s - s % 2
-    for i in range(0, s2, 2):
-        d0 = pdy[i]
-        d1 = pdy[i + 1]
-        e0 = px[i] - center
-        e1 = px[i + 1] - center
-        g0 += d0
-        g1 += d1
-        p0 += d0 * e0
-        p1 += d1 * e1
-        x0 += e0
-        x1 += e1
-    for i in range(s2, s):
-        d0 = pdy[i]
-        e0 = px[i] - center
-        g0 += d0
-        p0 += d0 * e0
-        x0 += e0
-    out[0] = g0 + g1
-    out[1] = p0 + p1
-    out[2] = x0 + x1
-
-
-def grad_sums_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-                    const double[::1] center, double[:, ::1] out, int num_threads):
-    """``out[:, c] = [sum(dy), sum(dy*(x-center[c])), sum(x-center[c])]`` over N, S."""
-    cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = n_batch * n_chan, k, n, c, j
-    cdef double* part = <double*> _alloc(planes * 3 * sizeof(double))
-    cdef double a0, a1, a2
+    cdef Py_ssize_t n_chan = x.shape[1], j
+    cdef Blocks bl = _blocks(x.shape[0], n_chan)
+    cdef floating* coef = <floating*> _alloc(4 * bl.width * sizeof(floating))
     try:
         with nogil:
-            for k in prange(planes, schedule="static", num_threads=num_threads):
-                c = k % n_chan
-                _plane_grad_sums(&dy[k // n_chan, c, 0], &x[k // n_chan, c, 0], s,
-                                 center[c], &part[3 * k])
-            for c in prange(n_chan, schedule="static", num_threads=num_threads):
-                a0 = 0
-                a1 = 0
-                a2 = 0
-                for n in range(n_batch):
-                    j = 3 * (n * n_chan + c)
-                    a0 = a0 + part[j]
-                    a1 = a1 + part[j + 1]
-                    a2 = a2 + part[j + 2]
-                out[0, c] = a0
-                out[1, c] = a1
-                out[2, c] = a2
+            for j in range(bl.width):
+                coef[j] = hi[j % n_chan]
+                coef[bl.width + j] = lo[j % n_chan]
+                coef[2 * bl.width + j] = scale[j % n_chan]
+                coef[3 * bl.width + j] = shift[j % n_chan]
+            _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + bl.width,
+                          coef + 2 * bl.width, coef + 3 * bl.width, num_threads)
     finally:
-        free(part)
+        free(coef)
 
 
-def grad_sums_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
-                    const double[::1] center, double[:, ::1] out, int num_threads):
-    """Channel-inner version of :func:`grad_sums_outer` for ``(M, C)`` views."""
+cdef void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize_t width,
+                          Py_ssize_t r0, Py_ssize_t r1, const floating* center_hi,
+                          double* out) noexcept nogil:
+    """Column sums of dy, dy * (x - center), (x - center) over rows [r0, r1)."""
+    cdef double* g = out
+    cdef double* p = out + width
+    cdef double* q = out + 2 * width
+    cdef Py_ssize_t r, j, off
+    cdef double d, e
+    memset(out, 0, 3 * width * sizeof(double))
+    for r in range(r0, r1):
+        off = r * width
+        for j in range(width):
+            d = dy[off + j]
+            e = <double> x[off + j] - <double> center_hi[j]
+            g[j] += d
+            p[j] += d * e
+            q[j] += e
+
+
+def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
+                   floating[:, ::1] gx, const floating[::1] weight,
+                   const floating[::1] center, const double[::1] invstd, bint training,
+                   floating[::1] grad_weight, floating[::1] grad_bias, int num_threads):
+    """Channel-inner version of :func:`backward_outer` for ``(M, C)`` views."""
     cdef Py_ssize_t m = x.shape[0], n_chan = x.shape[1]
-    cdef Py_ssize_t rows = _block_rows(m)
-    cdef Py_ssize_t blocks = (m + rows - 1) // rows
-    cdef Py_ssize_t b, r, r1, c
-    cdef double* part = <double*> _alloc(blocks * 3 * n_chan * sizeof(double))
-    cdef double* g
-    cdef double* p
-    cdef double* q
-    cdef const floating* rdy
-    cdef const floating* rx
-    cdef double d, e, a0, a1, a2
+    cdef Blocks bl = _blocks(m, n_chan)
+    cdef Py_ssize_t width = bl.width, blk, r0, r1, c, j, f, groups = bl.blocks + 1
+    cdef Py_ssize_t fold = width // n_chan
+    cdef const floating* pdy = &dy[0, 0]
+    cdef const floating* px = &x[0, 0]
+    cdef floating* pgx = &gx[0, 0]
+    cdef const floating* w = _opt(weight)
+    cdef floating* gw = _opt_mut(grad_weight)
+    cdef floating* gb = _opt_mut(grad_bias)
+    cdef bint need_sums = training or gw != NULL
+    cdef double* part = <double*> _alloc(3 * groups * width * sizeof(double))
+    cdef floating* coef = <floating*> _alloc(6 * width * sizeof(floating))
+    cdef floating* ctr = coef            # the center tiled over a folded row
+    cdef floating* hi = coef + width
+    cdef floating* lo = coef + 2 * width
+    cdef floating* k = coef + 3 * width
+    cdef floating* mdy = coef + 4 * width
+    cdef floating* a = coef + 5 * width
+    cdef Py_ssize_t off = bl.body_rows * width, i
+    cdef GradSums sums
     try:
         with nogil:
-            for b in prange(blocks, schedule="static", num_threads=num_threads):
-                g = &part[3 * b * n_chan]
-                p = g + n_chan
-                q = p + n_chan
-                memset(g, 0, 3 * n_chan * sizeof(double))
-                r1 = (b + 1) * rows
-                if r1 > m:
-                    r1 = m
-                for r in range(b * rows, r1):
-                    rdy = &dy[r, 0]
-                    rx = &x[r, 0]
-                    for c in range(n_chan):
-                        d = rdy[c]
-                        e = rx[c] - center[c]
-                        g[c] += d
-                        p[c] += d * e
-                        q[c] += e
-            for c in prange(n_chan, schedule="static", num_threads=num_threads):
-                a0 = 0
-                a1 = 0
-                a2 = 0
-                for b in range(blocks):
-                    a0 = a0 + part[3 * b * n_chan + c]
-                    a1 = a1 + part[3 * b * n_chan + n_chan + c]
-                    a2 = a2 + part[3 * b * n_chan + 2 * n_chan + c]
-                out[0, c] = a0
-                out[1, c] = a1
-                out[2, c] = a2
+            for j in range(width):
+                ctr[j] = center[j % n_chan]
+            if need_sums:
+                for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
+                    _block_bounds(bl, blk, &r0, &r1)
+                    _rows_grad_sums(pdy, px, width, r0, r1, ctr, &part[3 * blk * width])
+                if bl.tail > 0:
+                    _rows_grad_sums(pdy + off, px + off, n_chan, 0, bl.tail, ctr,
+                                    &part[3 * bl.blocks * width])
+            for c in range(n_chan):
+                sums.dy = 0
+                sums.dyx = 0
+                sums.x = 0
+                if need_sums:
+                    for blk in range(bl.blocks):
+                        for f in range(fold):
+                            j = c + f * n_chan
+                            sums.dy += part[3 * blk * width + j]
+                            sums.dyx += part[3 * blk * width + width + j]
+                            sums.x += part[3 * blk * width + 2 * width + j]
+                    if bl.tail > 0:
+                        i = 3 * bl.blocks * width
+                        sums.dy += part[i + c]
+                        sums.dyx += part[i + n_chan + c]
+                        sums.x += part[i + 2 * n_chan + c]
+                _finish_backward(c, sums, <double> ctr[c], invstd[c], <double> m,
+                                 training, w, gw, gb, hi, lo, k, mdy, a)
+            for j in range(n_chan, width):
+                hi[j] = hi[j - n_chan]
+                lo[j] = lo[j - n_chan]
+                k[j] = k[j - n_chan]
+                mdy[j] = mdy[j - n_chan]
+                a[j] = a[j - n_chan]
+            for i in prange(bl.body_rows, schedule="static", num_threads=num_threads):
+                _rows_grad_input(pdy, px, pgx, i * width, width, hi, lo, k, mdy, a)
+            _rows_grad_input(pdy, px, pgx, off, bl.tail * n_chan, hi, lo, k, mdy, a)
     finally:
         free(part)
+        free(coef)
 
 
-def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-                     floating[:, :, ::1] gx,
-                     const floating[::1] hi, const floating[::1] lo,
-                     const floating[::1] k, const floating[::1] mdy,
-                     const floating[::1] a, int num_threads):
-    """``gx = (dy - mdy[c] - ((x - hi[c]) - lo[c]) * a[c]) * k[c]`` (training backward)."""
-    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = x.shape[0] * n_chan, p, i, c, n
-    cdef const floating* pdy
-    cdef const floating* px
-    cdef floating* pg
-    cdef floating h, l, kk, md, aa
-    with nogil:
-        for p in prange(planes, schedule="static", num_threads=num_threads):
-            c = p % n_chan
-            n = p // n_chan
-            pdy = &dy[n, c, 0]
-            px = &x[n, c, 0]
-            pg = &gx[n, c, 0]
-            h = hi[c]
-            l = lo[c]
-            kk = k[c]
-            md = mdy[c]
-            aa = a[c]
-            for i in range(s):
-                pg[i] = (pdy[i] - md - ((px[i] - h) - l) * aa) * kk
-
-
-def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
-                     floating[:, ::1] gx,
-                     const floating[::1] hi, const floating[::1] lo,
-                     const floating[::1] k, const floating[::1] mdy,
-                     const floating[::1] a, int num_threads):
-    """Channel-inner version of :func:`grad_input_outer`."""
-    cdef Py_ssize_t m = x.shape[0], n_chan = x.shape[1], r, c
-    cdef const floating* rdy
-    cdef const floating* rx
-    cdef floating* rg
-    with nogil:
-        for r in prange(m, schedule="static", num_threads=num_threads):
-            rdy = &dy[r, 0]
-            rx = &x[r, 0]
-            rg = &gx[r, 0]
-            for c in range(n_chan):
-                rg[c] = (rdy[c] - mdy[c] - ((rx[c] - hi[c]) - lo[c]) * a[c]) * k[c]
+cdef inline void _rows_grad_input(const floating* dy, const floating* x, floating* gx,
+                                  Py_ssize_t off, Py_ssize_t width, const floating* hi,
+                                  const floating* lo, const floating* k, const floating* mdy,
+                                  const floating* a) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(width):
+        gx[off + j] = (dy[off + j] - mdy[j] - ((x[off + j] - hi[j]) - lo[j]) * a[j]) * k[j]
 
 
 # ---------------------------------------------------------------------------

@@ -1,43 +1,21 @@
 """CPU backend: NumPy arrays, Cython/OpenMP kernels from ``fastbn._cpu``.
 
-Each function receives validated, non-empty inputs (see ``fastbn.functional``)
-and picks the kernel for the input's memory layout.
+Each function receives validated, non-empty inputs (see ``fastbn.functional``),
+picks the kernel for the input's memory layout and makes one kernel call; the
+per-channel arithmetic (statistics, running-stat update, coefficients) happens
+inside the kernel, in float64.
 """
 import numpy as np
 
 from . import _cpu
 from ._layout import plan as _plan
-from ._stats import affine_coefficients, invstd_from_var, split_hi_lo, update_running_stats
 from ._threads import get_num_threads
 
 xp = np
 
-
-def _kernels(kind):
-    if kind == "outer":
-        return _cpu.stats_outer, _cpu.affine_outer, _cpu.grad_sums_outer, _cpu.grad_input_outer
-    return _cpu.stats_inner, _cpu.affine_inner, _cpu.grad_sums_inner, _cpu.grad_input_inner
-
-
-def batch_moments(x):
-    """Per-channel float64 (mean, M2, count) of ``x`` (ndim >= 2, N * S >= 1)."""
-    p = _plan(np, x)
-    stats, _, _, _ = _kernels(p.kind)
-    n_chan = p.shape[1]
-    mean = np.empty(n_chan, np.float64)
-    m2 = np.empty(n_chan, np.float64)
-    stats(p.view, mean, m2, get_num_threads())
-    return mean, m2, p.count
-
-
-def normalize(x, mean64, invstd64, weight, bias):
-    """``(x - mean) * invstd * weight + bias``; output keeps channels-last memory."""
-    p = _plan(np, x)
-    _, affine, _, _ = _kernels(p.kind)
-    coefs = affine_coefficients(np, mean64, invstd64, weight, bias, x.dtype)
-    out, out_view = p.empty_output(np, x.dtype)
-    affine(p.view, out_view, *coefs, get_num_threads())
-    return out
+_TRAIN = {"outer": _cpu.forward_train_outer, "inner": _cpu.forward_train_inner}
+_AFFINE = {"outer": _cpu.affine_outer, "inner": _cpu.affine_inner}
+_BACKWARD = {"outer": _cpu.backward_outer, "inner": _cpu.backward_inner}
 
 
 def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
@@ -45,17 +23,32 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
 
     Returns ``(y, save_mean, save_invstd)`` with the statistics in ``x.dtype``.
     """
-    mean, m2, count = batch_moments(x)
-    invstd = invstd_from_var(np, m2 / count, eps)
-    y = normalize(x, mean, invstd, weight, bias)
-    update_running_stats(np, running_mean, running_var, mean, m2, count, momentum)
-    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+    p = _plan(np, x)
+    y, y_view = p.empty_output(np, x.dtype)
+    save_mean = np.empty(p.shape[1], x.dtype)
+    save_invstd = np.empty(p.shape[1], x.dtype)
+    _TRAIN[p.kind](p.view, y_view, weight, bias, running_mean, running_var, save_mean,
+                   save_invstd, momentum, eps, get_num_threads())
+    return y, save_mean, save_invstd
 
 
 def forward_eval(x, weight, bias, running_mean, running_var, eps):
-    """Normalize with the running statistics."""
-    invstd = invstd_from_var(np, running_var.astype(np.float64), eps)
-    return normalize(x, running_mean.astype(np.float64), invstd, weight, bias)
+    """Normalize with the running statistics: one read and one write of ``x``.
+
+    The coefficients of ``((x - running_mean) * invstd) * weight + bias`` are
+    computed in float64; ``x - running_mean`` is formed before scaling, which
+    keeps full precision when ``|running_mean|`` dwarfs the spread of ``x``.
+    """
+    p = _plan(np, x)
+    y, y_view = p.empty_output(np, x.dtype)
+    scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    if weight is not None:
+        scale *= weight
+    shift = np.zeros(p.shape[1], x.dtype) if bias is None else bias
+    zeros = np.zeros(p.shape[1], x.dtype)
+    _AFFINE[p.kind](p.view, y_view, running_mean, zeros, scale.astype(x.dtype), shift,
+                    get_num_threads())
+    return y
 
 
 def backward(gy, x, weight, mean, invstd, training):
@@ -68,33 +61,14 @@ def backward(gy, x, weight, mean, invstd, training):
     large offsets.
     """
     p = _plan(np, x)
-    _, affine, grad_sums, grad_input = _kernels(p.kind)
     dtype = x.dtype
     n_chan = p.shape[1]
-    nt = get_num_threads()
-    dy = p.conform(np, gy)
-    center = mean.astype(np.float64)
-    invstd64 = invstd.astype(np.float64)
-    sums = np.empty((3, n_chan), np.float64)
-    grad_sums(dy, p.view, center, sums, nt)
-    sum_dy, sum_dyx, sum_x = sums
-    count = p.count
-    if training:
-        offset = sum_x / count                 # true mean - center
-        center = center + offset
-        sum_dyx = sum_dyx - offset * sum_dy    # sum(dy * (x - true mean))
-    w64 = np.ones(n_chan) if weight is None else weight.astype(np.float64)
-    k = invstd64 * w64
     gx, gx_view = p.empty_output(np, dtype)
-    if training:
-        hi, lo = split_hi_lo(np, center, dtype)
-        mdy = sum_dy / count
-        a = sum_dyx * invstd64 * invstd64 / count
-        grad_input(dy, p.view, gx_view, hi, lo, k.astype(dtype), mdy.astype(dtype),
-                   a.astype(dtype), nt)
-    else:
-        zeros = np.zeros(n_chan, dtype)
-        affine(dy, gx_view, zeros, zeros, k.astype(dtype), zeros, nt)
-    if weight is None:
-        return gx, None, None
-    return gx, (sum_dyx * invstd64).astype(dtype), sum_dy.astype(dtype)
+    gw = gb = None
+    if weight is not None:
+        gw = np.empty(n_chan, dtype)
+        gb = np.empty(n_chan, dtype)
+    _BACKWARD[p.kind](p.conform(np, gy), p.view, gx_view, weight,
+                      np.ascontiguousarray(mean, dtype), invstd.astype(np.float64), training,
+                      gw, gb, get_num_threads())
+    return gx, gw, gb

@@ -104,17 +104,17 @@ def test_layouts_match_reference(layout, shape, dtype):
 
 def test_channels_last_computed_without_copy(monkeypatch):
     """The channels-last input reaches the inner kernel as a view of the caller's memory."""
-    from fastbn import _cpu
+    from fastbn import _cpu_backend
 
     x = make((4, 6, 5, 5), np.float32, layout="channels_last")
     seen = []
-    real = _cpu.stats_inner
+    real = _cpu_backend._TRAIN["inner"]
 
     def spy(view, *args):
         seen.append(np.shares_memory(np.asarray(view), x))
         return real(view, *args)
 
-    monkeypatch.setattr(_cpu, "stats_inner", spy)
+    monkeypatch.setitem(_cpu_backend._TRAIN, "inner", spy)
     fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
     assert seen == [True]
 
