@@ -58,6 +58,7 @@ extensions = [
     Extension(
         "fastbn._cpu",
         ["fastbn/_cpu.pyx"],
+        depends=["fastbn/_kernels.h"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

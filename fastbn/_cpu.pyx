@@ -81,17 +81,54 @@ cdef inline floating* _opt_mut(floating[::1] a) noexcept:
     return NULL if a is None else &a[0]
 
 
-# Results are returned by value: a variable assigned in a prange body is private
-# to its thread, one written through a pointer would be shared.
-ctypedef struct Moments:
-    double mean
-    double m2
-
-
-ctypedef struct GradSums:
-    double dy       # sum(dy)
-    double dyx      # sum(dy * (x - center))
-    double x        # sum(x - center)
+cdef extern from "_kernels.h" nogil:
+    ctypedef struct Moments "fastbn_moments":
+        double mean
+        double m2
+    ctypedef struct GradSums "fastbn_gradsums":
+        double dy       # sum(dy)
+        double dyx      # sum(dy * (x - center))
+        double x        # sum(x - center)
+    Moments run_moments_f32 "fastbn_run_moments_f32"(const float*, Py_ssize_t)
+    Moments run_moments_f64 "fastbn_run_moments_f64"(const double*, Py_ssize_t)
+    void run_affine_f32 "fastbn_run_affine_f32"(const float*, float*, Py_ssize_t, float,
+                                                float, float, float)
+    void run_affine_f64 "fastbn_run_affine_f64"(const double*, double*, Py_ssize_t, double,
+                                                double, double, double)
+    GradSums run_grad_sums_f32 "fastbn_run_grad_sums_f32"(const float*, const float*,
+                                                          Py_ssize_t, double, GradSums)
+    GradSums run_grad_sums_f64 "fastbn_run_grad_sums_f64"(const double*, const double*,
+                                                          Py_ssize_t, double, GradSums)
+    void run_grad_input_f32 "fastbn_run_grad_input_f32"(const float*, const float*, float*,
+                                                        Py_ssize_t, float, float, float,
+                                                        float, float)
+    void run_grad_input_f64 "fastbn_run_grad_input_f64"(const double*, const double*,
+                                                        double*, Py_ssize_t, double, double,
+                                                        double, double, double)
+    void rows_moments_f32 "fastbn_rows_moments_f32"(const float*, Py_ssize_t, Py_ssize_t,
+                                                    Py_ssize_t, double*, double*, double*)
+    void rows_moments_f64 "fastbn_rows_moments_f64"(const double*, Py_ssize_t, Py_ssize_t,
+                                                    Py_ssize_t, double*, double*, double*)
+    void rows_affine_f32 "fastbn_rows_affine_f32"(const float*, float*, Py_ssize_t,
+                                                  const float*, const float*, const float*,
+                                                  const float*)
+    void rows_affine_f64 "fastbn_rows_affine_f64"(const double*, double*, Py_ssize_t,
+                                                  const double*, const double*, const double*,
+                                                  const double*)
+    void rows_grad_sums_f32 "fastbn_rows_grad_sums_f32"(const float*, const float*, Py_ssize_t,
+                                                        Py_ssize_t, Py_ssize_t, const double*,
+                                                        double*)
+    void rows_grad_sums_f64 "fastbn_rows_grad_sums_f64"(const double*, const double*,
+                                                        Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                                        const double*, double*)
+    void rows_grad_input_f32 "fastbn_rows_grad_input_f32"(const float*, const float*, float*,
+                                                          Py_ssize_t, const float*,
+                                                          const float*, const float*,
+                                                          const float*, const float*)
+    void rows_grad_input_f64 "fastbn_rows_grad_input_f64"(const double*, const double*,
+                                                          double*, Py_ssize_t, const double*,
+                                                          const double*, const double*,
+                                                          const double*, const double*)
 
 
 # ---------------------------------------------------------------------------
@@ -163,87 +200,62 @@ cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
 # contiguous-run kernels (one plane, or one row)
 # ---------------------------------------------------------------------------
 
+# Results are returned by value: a variable assigned in a prange body is private to
+# its thread, one written through a pointer would be shared.
 cdef inline Moments _run_moments(const floating* p, Py_ssize_t s) noexcept nogil:
-    """Mean and sum of squared deviations of ``s >= 1`` contiguous values."""
-    cdef double shift = p[0]
-    cdef double acc[8]
-    cdef double sq[8]
-    cdef double d, total, squares
-    cdef Moments r
-    cdef Py_ssize_t i, j, s8 = s - s % 8
-    for j in range(8):
-        acc[j] = 0
-        sq[j] = 0
-    # Eight independent lanes: a fixed summation order the compiler can vectorise.
-    for i in range(0, s8, 8):
-        for j in range(8):
-            d = p[i + j] - shift
-            acc[j] += d
-            sq[j] += d * d
-    for i in range(s8, s):
-        d = p[i] - shift
-        acc[0] += d
-        sq[0] += d * d
-    total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-    squares = ((sq[0] + sq[1]) + (sq[2] + sq[3])) + ((sq[4] + sq[5]) + (sq[6] + sq[7]))
-    r.mean = shift + total / s
-    squares = squares - total * (total / s)
-    r.m2 = squares if squares > 0 else 0.0
-    return r
+    if floating is float:
+        return run_moments_f32(p, s)
+    else:
+        return run_moments_f64(p, s)
 
 
 cdef inline void _run_affine(const floating* x, floating* y, Py_ssize_t s, floating hi,
                              floating lo, floating sc, floating sh) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(s):
-        y[i] = ((x[i] - hi) - lo) * sc + sh
+    if floating is float:
+        run_affine_f32(x, y, s, hi, lo, sc, sh)
+    else:
+        run_affine_f64(x, y, s, hi, lo, sc, sh)
 
 
 cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ssize_t s,
                                     double center, GradSums acc) noexcept nogil:
-    """``acc`` plus the sums of dy, dy * (x - center), x - center over ``s`` values."""
-    cdef double g[4]
-    cdef double p[4]
-    cdef double q[4]
-    cdef double d, e
-    cdef Py_ssize_t i, j, s4 = s - s % 4
-    for j in range(4):
-        g[j] = 0
-        p[j] = 0
-        q[j] = 0
-    for i in range(0, s4, 4):
-        for j in range(4):
-            d = dy[i + j]
-            e = x[i + j] - center
-            g[j] += d
-            p[j] += d * e
-            q[j] += e
-    for i in range(s4, s):
-        d = dy[i]
-        e = x[i] - center
-        g[0] += d
-        p[0] += d * e
-        q[0] += e
-    acc.dy += (g[0] + g[1]) + (g[2] + g[3])
-    acc.dyx += (p[0] + p[1]) + (p[2] + p[3])
-    acc.x += (q[0] + q[1]) + (q[2] + q[3])
-    return acc
+    if floating is float:
+        return run_grad_sums_f32(dy, x, s, center, acc)
+    else:
+        return run_grad_sums_f64(dy, x, s, center, acc)
 
 
 cdef inline void _run_grad_input(const floating* dy, const floating* x, floating* gx,
                                  Py_ssize_t s, floating hi, floating lo, floating k,
                                  floating mdy, floating a) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(s):
-        gx[i] = (dy[i] - mdy - ((x[i] - hi) - lo) * a) * k
+    if floating is float:
+        run_grad_input_f32(dy, x, gx, s, hi, lo, k, mdy, a)
+    else:
+        run_grad_input_f64(dy, x, gx, s, hi, lo, k, mdy, a)
 
 
 # ---------------------------------------------------------------------------
 # channel-outer layout: (N, C, S)
 # ---------------------------------------------------------------------------
 
+cdef int _schedule = 0     # 0: automatic, 1: always per channel, 2: always per plane
+
+
+def set_schedule(int mode):
+    """Force the channel-outer schedule (for tests and tuning; results never change).
+
+    0 picks automatically, 1 forces whole channels per thread, 2 forces planes.
+    """
+    global _schedule
+    if mode not in (0, 1, 2):
+        raise ValueError(f"schedule must be 0, 1 or 2, got {mode}")
+    _schedule = mode
+
+
 cdef inline bint _per_channel(Py_ssize_t n_chan, int num_threads) noexcept nogil:
     """Whole channels per thread (cache-resident second pass) when that keeps all busy."""
+    if _schedule:
+        return _schedule == 1
     return n_chan >= 2 * num_threads
 
 
@@ -405,8 +417,15 @@ ctypedef struct Blocks:
 
 cdef Blocks _blocks(Py_ssize_t m, Py_ssize_t n_chan) noexcept nogil:
     cdef Blocks bl
-    cdef Py_ssize_t fold = 1 if n_chan >= FOLD_TARGET else (FOLD_TARGET + n_chan - 1) // n_chan
+    cdef Py_ssize_t fold = 1, step = 16, g = n_chan, t
     cdef Py_ssize_t by_size, by_count
+    if n_chan < FOLD_TARGET:
+        # fold rows in steps that make P a multiple of 16 values (aligned SIMD rows)
+        t = 16
+        while t:
+            g, t = t, g % t
+        step = 16 // g
+        fold = step * ((FOLD_TARGET + step * n_chan - 1) // (step * n_chan))
     bl.n_chan = n_chan
     bl.width = fold * n_chan
     bl.body_rows = m // fold
@@ -426,21 +445,13 @@ cdef inline void _block_bounds(Blocks bl, Py_ssize_t blk, Py_ssize_t* r0,
         r1[0] = bl.body_rows
 
 
-cdef void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
-                        double* su, double* sq) noexcept nogil:
-    """Column sums of (x - first row) and of its square over rows [r0, r1)."""
-    cdef const floating* first = base + r0 * width
-    cdef const floating* row
-    cdef Py_ssize_t r, j
-    cdef double d
-    memset(su, 0, width * sizeof(double))
-    memset(sq, 0, width * sizeof(double))
-    for r in range(r0 + 1, r1):
-        row = base + r * width
-        for j in range(width):
-            d = <double> row[j] - <double> first[j]
-            su[j] += d
-            sq[j] += d * d
+cdef inline void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_t r0,
+                               Py_ssize_t r1, double* su, double* sq,
+                               double* first) noexcept nogil:
+    if floating is float:
+        rows_moments_f32(base, width, r0, r1, su, sq, first)
+    else:
+        rows_moments_f64(base, width, r0, r1, su, sq, first)
 
 
 def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
@@ -462,8 +473,9 @@ def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
     cdef floating* sm = &save_mean[0]
     cdef floating* si = &save_invstd[0]
     # per group (blocks, then the tail): column sums and squares around its first row
-    cdef double* su = <double*> _alloc(2 * groups * width * sizeof(double))
+    cdef double* su = <double*> _alloc(3 * groups * width * sizeof(double))
     cdef double* sq = su + groups * width
+    cdef double* first = su + 2 * groups * width
     cdef floating* coef = <floating*> _alloc(4 * width * sizeof(floating))
     cdef floating* hi = coef
     cdef floating* lo = coef + width
@@ -476,10 +488,11 @@ def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
         with nogil:
             for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
                 _block_bounds(bl, blk, &r0, &r1)
-                _rows_moments(base, width, r0, r1, &su[blk * width], &sq[blk * width])
+                _rows_moments(base, width, r0, r1, &su[blk * width], &sq[blk * width],
+                              &first[blk * width])
             if bl.tail > 0:
                 _rows_moments(tail, n_chan, 0, bl.tail, &su[bl.blocks * width],
-                              &sq[bl.blocks * width])
+                              &sq[bl.blocks * width], &first[bl.blocks * width])
             for c in range(n_chan):
                 seen = 0
                 acc.mean = 0
@@ -520,14 +533,20 @@ def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
 cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floating* hi,
                         const floating* lo, const floating* sc, const floating* sh,
                         int num_threads) noexcept nogil:
-    cdef Py_ssize_t width = bl.width, r, j, off
+    cdef Py_ssize_t width = bl.width, r
     for r in prange(bl.body_rows, schedule="static", num_threads=num_threads):
-        off = r * width
-        for j in range(width):
-            y[off + j] = ((x[off + j] - hi[j]) - lo[j]) * sc[j] + sh[j]
-    off = bl.body_rows * width
-    for r in range(bl.tail * bl.n_chan):
-        y[off + r] = ((x[off + r] - hi[r]) - lo[r]) * sc[r] + sh[r]
+        _rows_affine(x + r * width, y + r * width, width, hi, lo, sc, sh)
+    r = bl.body_rows * width
+    _rows_affine(x + r, y + r, bl.tail * bl.n_chan, hi, lo, sc, sh)
+
+
+cdef inline void _rows_affine(const floating* x, floating* y, Py_ssize_t n,
+                              const floating* hi, const floating* lo, const floating* sc,
+                              const floating* sh) noexcept nogil:
+    if floating is float:
+        rows_affine_f32(x, y, n, hi, lo, sc, sh)
+    else:
+        rows_affine_f64(x, y, n, hi, lo, sc, sh)
 
 
 def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,
@@ -550,24 +569,13 @@ def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,
         free(coef)
 
 
-cdef void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize_t width,
-                          Py_ssize_t r0, Py_ssize_t r1, const floating* center_hi,
-                          double* out) noexcept nogil:
-    """Column sums of dy, dy * (x - center), (x - center) over rows [r0, r1)."""
-    cdef double* g = out
-    cdef double* p = out + width
-    cdef double* q = out + 2 * width
-    cdef Py_ssize_t r, j, off
-    cdef double d, e
-    memset(out, 0, 3 * width * sizeof(double))
-    for r in range(r0, r1):
-        off = r * width
-        for j in range(width):
-            d = dy[off + j]
-            e = <double> x[off + j] - <double> center_hi[j]
-            g[j] += d
-            p[j] += d * e
-            q[j] += e
+cdef inline void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize_t width,
+                                 Py_ssize_t r0, Py_ssize_t r1, const double* center,
+                                 double* out) noexcept nogil:
+    if floating is float:
+        rows_grad_sums_f32(dy, x, width, r0, r1, center, out)
+    else:
+        rows_grad_sums_f64(dy, x, width, r0, r1, center, out)
 
 
 def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
@@ -587,13 +595,13 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
     cdef floating* gb = _opt_mut(grad_bias)
     cdef bint need_sums = training or gw != NULL
     cdef double* part = <double*> _alloc(3 * groups * width * sizeof(double))
-    cdef floating* coef = <floating*> _alloc(6 * width * sizeof(floating))
-    cdef floating* ctr = coef            # the center tiled over a folded row
-    cdef floating* hi = coef + width
-    cdef floating* lo = coef + 2 * width
-    cdef floating* k = coef + 3 * width
-    cdef floating* mdy = coef + 4 * width
-    cdef floating* a = coef + 5 * width
+    cdef double* ctr = <double*> _alloc(width * sizeof(double))   # center, tiled
+    cdef floating* coef = <floating*> _alloc(5 * width * sizeof(floating))
+    cdef floating* hi = coef
+    cdef floating* lo = coef + width
+    cdef floating* k = coef + 2 * width
+    cdef floating* mdy = coef + 3 * width
+    cdef floating* a = coef + 4 * width
     cdef Py_ssize_t off = bl.body_rows * width, i
     cdef GradSums sums
     try:
@@ -623,7 +631,7 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                         sums.dy += part[i + c]
                         sums.dyx += part[i + n_chan + c]
                         sums.x += part[i + 2 * n_chan + c]
-                _finish_backward(c, sums, <double> ctr[c], invstd[c], <double> m,
+                _finish_backward(c, sums, ctr[c], invstd[c], <double> m,
                                  training, w, gw, gb, hi, lo, k, mdy, a)
             for j in range(n_chan, width):
                 hi[j] = hi[j - n_chan]
@@ -636,16 +644,18 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
             _rows_grad_input(pdy, px, pgx, off, bl.tail * n_chan, hi, lo, k, mdy, a)
     finally:
         free(part)
+        free(ctr)
         free(coef)
 
 
 cdef inline void _rows_grad_input(const floating* dy, const floating* x, floating* gx,
-                                  Py_ssize_t off, Py_ssize_t width, const floating* hi,
+                                  Py_ssize_t off, Py_ssize_t n, const floating* hi,
                                   const floating* lo, const floating* k, const floating* mdy,
                                   const floating* a) noexcept nogil:
-    cdef Py_ssize_t j
-    for j in range(width):
-        gx[off + j] = (dy[off + j] - mdy[j] - ((x[off + j] - hi[j]) - lo[j]) * a[j]) * k[j]
+    if floating is float:
+        rows_grad_input_f32(dy + off, x + off, gx + off, n, hi, lo, k, mdy, a)
+    else:
+        rows_grad_input_f64(dy + off, x + off, gx + off, n, hi, lo, k, mdy, a)
 
 
 # ---------------------------------------------------------------------------

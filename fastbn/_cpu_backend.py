@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _cpu
 from ._layout import plan as _plan
-from ._threads import get_num_threads
+from ._threads import threads_for
 
 xp = np
 
@@ -28,7 +28,7 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     save_mean = np.empty(p.shape[1], x.dtype)
     save_invstd = np.empty(p.shape[1], x.dtype)
     _TRAIN[p.kind](p.view, y_view, weight, bias, running_mean, running_var, save_mean,
-                   save_invstd, momentum, eps, get_num_threads())
+                   save_invstd, momentum, eps, threads_for(x.size))
     return y, save_mean, save_invstd
 
 
@@ -47,7 +47,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps):
     shift = np.zeros(p.shape[1], x.dtype) if bias is None else bias
     zeros = np.zeros(p.shape[1], x.dtype)
     _AFFINE[p.kind](p.view, y_view, running_mean, zeros, scale.astype(x.dtype), shift,
-                    get_num_threads())
+                    threads_for(x.size))
     return y
 
 
@@ -70,5 +70,5 @@ def backward(gy, x, weight, mean, invstd, training):
         gb = np.empty(n_chan, dtype)
     _BACKWARD[p.kind](p.conform(np, gy), p.view, gx_view, weight,
                       np.ascontiguousarray(mean, dtype), invstd.astype(np.float64), training,
-                      gw, gb, get_num_threads())
+                      gw, gb, threads_for(x.size))
     return gx, gw, gb

@@ -5,13 +5,21 @@ from . import _cpu
 from ._validation import check_num_threads
 
 _num_threads = None
+_default = None
+
+# Below this many values per call, waking a second thread costs more than it saves.
+MIN_VALUES_PER_THREAD = 1 << 15
 
 
 def _default_threads():
-    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, int(_cpu.omp_max_threads()))
+    global _default
+    if _default is None:
+        env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+        if env.isdigit() and int(env) > 0:
+            _default = int(env)
+        else:
+            _default = max(1, int(_cpu.omp_max_threads()))
+    return _default
 
 
 def set_num_threads(n):
@@ -36,3 +44,11 @@ def get_num_threads():
     if not _cpu.HAVE_OPENMP:
         return 1
     return _num_threads if _num_threads is not None else _default_threads()
+
+
+def threads_for(size):
+    """Threads for a call over ``size`` values: fewer for small inputs.
+
+    Results never depend on it (see ``fastbn/_cpu.pyx``), only the speed does.
+    """
+    return max(1, min(get_num_threads(), size // MIN_VALUES_PER_THREAD))

@@ -9,6 +9,14 @@ import pytest
 import fastbn
 from helpers import make
 
+@pytest.fixture
+def split_small_inputs(monkeypatch):
+    """Let even the small test inputs use every thread they are given."""
+    from fastbn import _threads
+
+    monkeypatch.setattr(_threads, "MIN_VALUES_PER_THREAD", 1)
+
+
 CASES = [((8, 5, 17, 19), "contiguous"), ((8, 5, 17, 19), "channels_last"),
          ((3000, 7), "contiguous"), ((2, 3, 5000), "contiguous"), ((1, 2, 40000), "contiguous")]
 
@@ -26,7 +34,7 @@ def _run_all(x, gy):
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0.0, 1e6])
-def test_n_threads_agnosticism(shape, layout, dtype, offset):
+def test_n_threads_agnosticism(shape, layout, dtype, offset, split_small_inputs):
     x = make(shape, dtype, offset=offset, seed=31, layout=layout)
     gy = make(shape, dtype, seed=32, layout=layout)
     results = {}
@@ -64,3 +72,43 @@ def test_show_config(capsys):
     for word in ("fastbn", "numpy", "openmp", "threads", "cuda"):
         assert word in out
     assert fastbn.__version__ in out
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 17, 19), (3, 64, 40), (16, 2, 4, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_schedules_agree_bitwise(shape, dtype, split_small_inputs):
+    """Whole-channel and per-plane schedules (picked by C vs threads) give the same bits."""
+    from fastbn import _cpu
+
+    x = make(shape, dtype, offset=1e4, seed=33)
+    gy = make(shape, dtype, seed=34)
+    results = []
+    try:
+        for mode in (1, 2):
+            _cpu.set_schedule(mode)
+            for n in (1, 2):
+                fastbn.set_num_threads(n)
+                results.append(_run_all(x, gy))
+    finally:
+        _cpu.set_schedule(0)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_small_inputs_still_exact_with_many_threads():
+    from fastbn import _threads
+
+    x = make((6, 3, 5), np.float64, seed=35)
+    fastbn.set_num_threads(8)
+    assert _threads.threads_for(x.size) == 1
+    a = _run_all(x, x)
+    saved = _threads.MIN_VALUES_PER_THREAD
+    _threads.MIN_VALUES_PER_THREAD = 1
+    try:
+        assert _threads.threads_for(x.size) == (8 if fastbn._cpu.HAVE_OPENMP else 1)
+        b = _run_all(x, x)
+    finally:
+        _threads.MIN_VALUES_PER_THREAD = saved
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)

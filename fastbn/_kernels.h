@@ -1,0 +1,193 @@
+/*
+ * Contiguous-run kernels behind fastbn/_cpu.pyx, for float and double.
+ *
+ * Written in C rather than Cython for one reason: `restrict`. Python extensions
+ * are compiled with -fno-strict-aliasing, so without it the compiler must assume
+ * that the output may overlap the inputs and the per-channel coefficient arrays,
+ * and the loops below stop vectorising. Every function here works on one
+ * contiguous run of values; the parallel loops and the fixed-order merges stay
+ * in Cython.
+ *
+ * Summation order: reductions use a fixed number of independent lanes (the
+ * `lane` arrays), combined in a fixed tree at the end. That order depends only
+ * on the run length, so results are identical whatever thread runs them, and
+ * the lanes are what lets the compiler use SIMD without -ffast-math.
+ */
+#ifndef FASTBN_KERNELS_H
+#define FASTBN_KERNELS_H
+
+#include <stddef.h>
+#include <string.h>
+
+#if defined(_MSC_VER)
+#define FASTBN_RESTRICT __restrict
+#else
+#define FASTBN_RESTRICT __restrict__
+#endif
+
+#define FASTBN_LANES 8
+
+typedef struct { double mean; double m2; } fastbn_moments;
+typedef struct { double dy; double dyx; double x; } fastbn_gradsums;
+
+static inline double fastbn_tree8(const double *v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+#define FASTBN_DEFINE_KERNELS(T, SUF)                                                       \
+                                                                                            \
+/* Mean and sum of squared deviations of n >= 1 values, summed around p[0]. */              \
+static inline fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p,           \
+                                                     ptrdiff_t n) {                         \
+    const double shift = (double)p[0];                                                      \
+    double s[FASTBN_LANES] = {0}, q[FASTBN_LANES] = {0};                                    \
+    ptrdiff_t i = 0, n8 = n - n % FASTBN_LANES;                                             \
+    for (; i < n8; i += FASTBN_LANES) {                                                     \
+        for (int j = 0; j < FASTBN_LANES; j++) {                                            \
+            double d = (double)p[i + j] - shift;                                            \
+            s[j] += d;                                                                      \
+            q[j] += d * d;                                                                  \
+        }                                                                                   \
+    }                                                                                       \
+    for (; i < n; i++) {                                                                    \
+        double d = (double)p[i] - shift;                                                    \
+        s[0] += d;                                                                          \
+        q[0] += d * d;                                                                      \
+    }                                                                                       \
+    double total = fastbn_tree8(s), squares = fastbn_tree8(q);                              \
+    fastbn_moments r;                                                                       \
+    r.mean = shift + total / (double)n;                                                     \
+    squares -= total * (total / (double)n);                                                 \
+    r.m2 = squares > 0 ? squares : 0.0;                                                     \
+    return r;                                                                               \
+}                                                                                           \
+                                                                                            \
+/* y = ((x - hi) - lo) * sc + sh, per-run scalar coefficients. */                           \
+static inline void fastbn_run_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
+                                           ptrdiff_t n, T hi, T lo, T sc, T sh) {           \
+    for (ptrdiff_t i = 0; i < n; i++)                                                       \
+        y[i] = ((x[i] - hi) - lo) * sc + sh;                                                \
+}                                                                                           \
+                                                                                            \
+/* acc + [sum dy, sum dy * (x - c), sum (x - c)] over n values. */                          \
+static inline fastbn_gradsums fastbn_run_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,       \
+        const T *FASTBN_RESTRICT x, ptrdiff_t n, double center, fastbn_gradsums acc) {      \
+    double g[FASTBN_LANES] = {0}, p[FASTBN_LANES] = {0}, q[FASTBN_LANES] = {0};             \
+    ptrdiff_t i = 0, n8 = n - n % FASTBN_LANES;                                             \
+    for (; i < n8; i += FASTBN_LANES) {                                                     \
+        for (int j = 0; j < FASTBN_LANES; j++) {                                            \
+            double d = (double)dy[i + j], e = (double)x[i + j] - center;                    \
+            g[j] += d;                                                                      \
+            p[j] += d * e;                                                                  \
+            q[j] += e;                                                                      \
+        }                                                                                   \
+    }                                                                                       \
+    for (; i < n; i++) {                                                                    \
+        double d = (double)dy[i], e = (double)x[i] - center;                                \
+        g[0] += d;                                                                          \
+        p[0] += d * e;                                                                      \
+        q[0] += e;                                                                          \
+    }                                                                                       \
+    acc.dy += fastbn_tree8(g);                                                              \
+    acc.dyx += fastbn_tree8(p);                                                             \
+    acc.x += fastbn_tree8(q);                                                               \
+    return acc;                                                                             \
+}                                                                                           \
+                                                                                            \
+/* gx = (dy - mdy - ((x - hi) - lo) * a) * k, per-run scalar coefficients. */               \
+static inline void fastbn_run_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                 \
+        const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n, T hi, T lo, T k,    \
+        T mdy, T a) {                                                                       \
+    for (ptrdiff_t i = 0; i < n; i++)                                                       \
+        gx[i] = (dy[i] - mdy - ((x[i] - hi) - lo) * a) * k;                                 \
+}                                                                                           \
+                                                                                            \
+/* Column sums of (x - first row) and its square over rows [r0, r1) of width w. */          \
+static inline void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrdiff_t w,    \
+        ptrdiff_t r0, ptrdiff_t r1, double *FASTBN_RESTRICT su, double *FASTBN_RESTRICT sq, \
+        double *FASTBN_RESTRICT first) {                                                    \
+    const T *row0 = base + r0 * w;                                                          \
+    for (ptrdiff_t j = 0; j < w; j++) {                                                     \
+        first[j] = (double)row0[j];                                                         \
+        su[j] = 0;                                                                          \
+        sq[j] = 0;                                                                          \
+    }                                                                                       \
+    ptrdiff_t r = r0 + 1;                                                                   \
+    /* four rows per sweep: a quarter of the loads and stores of su and sq */               \
+    for (; r + 4 <= r1; r += 4) {                                                           \
+        const T *FASTBN_RESTRICT a0 = base + r * w;                                         \
+        const T *FASTBN_RESTRICT a1 = a0 + w;                                               \
+        const T *FASTBN_RESTRICT a2 = a1 + w;                                               \
+        const T *FASTBN_RESTRICT a3 = a2 + w;                                               \
+        for (ptrdiff_t j = 0; j < w; j++) {                                                 \
+            double f = first[j];                                                            \
+            double d0 = (double)a0[j] - f, d1 = (double)a1[j] - f;                          \
+            double d2 = (double)a2[j] - f, d3 = (double)a3[j] - f;                          \
+            su[j] += (d0 + d1) + (d2 + d3);                                                 \
+            sq[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);                             \
+        }                                                                                   \
+    }                                                                                       \
+    for (; r < r1; r++) {                                                                   \
+        const T *FASTBN_RESTRICT row = base + r * w;                                        \
+        for (ptrdiff_t j = 0; j < w; j++) {                                                 \
+            double d = (double)row[j] - first[j];                                           \
+            su[j] += d;                                                                     \
+            sq[j] += d * d;                                                                 \
+        }                                                                                   \
+    }                                                                                       \
+}                                                                                           \
+                                                                                            \
+/* y = ((x - hi) - lo) * sc + sh over n values with per-column coefficients. */             \
+static inline void fastbn_rows_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
+        ptrdiff_t n, const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT lo,              \
+        const T *FASTBN_RESTRICT sc, const T *FASTBN_RESTRICT sh) {                         \
+    for (ptrdiff_t j = 0; j < n; j++)                                                       \
+        y[j] = ((x[j] - hi[j]) - lo[j]) * sc[j] + sh[j];                                    \
+}                                                                                           \
+                                                                                            \
+/* Column sums [dy | dy * (x - c) | (x - c)] over rows [r0, r1) of width w into out[3w]. */ \
+static inline void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,                 \
+        const T *FASTBN_RESTRICT x, ptrdiff_t w, ptrdiff_t r0, ptrdiff_t r1,                \
+        const double *FASTBN_RESTRICT center, double *FASTBN_RESTRICT out) {                \
+    double *FASTBN_RESTRICT g = out;                                                        \
+    double *FASTBN_RESTRICT p = out + w;                                                    \
+    double *FASTBN_RESTRICT q = out + 2 * w;                                                \
+    memset(out, 0, 3 * (size_t)w * sizeof(double));                                        \
+    ptrdiff_t r = r0;                                                                       \
+    for (; r + 2 <= r1; r += 2) {                                                           \
+        const T *FASTBN_RESTRICT dy0 = dy + r * w, *FASTBN_RESTRICT dy1 = dy0 + w;         \
+        const T *FASTBN_RESTRICT x0 = x + r * w, *FASTBN_RESTRICT x1 = x0 + w;              \
+        for (ptrdiff_t j = 0; j < w; j++) {                                                 \
+            double c = center[j];                                                           \
+            double d0 = (double)dy0[j], e0 = (double)x0[j] - c;                             \
+            double d1 = (double)dy1[j], e1 = (double)x1[j] - c;                             \
+            g[j] += d0 + d1;                                                                \
+            p[j] += d0 * e0 + d1 * e1;                                                      \
+            q[j] += e0 + e1;                                                                \
+        }                                                                                   \
+    }                                                                                       \
+    for (; r < r1; r++) {                                                                   \
+        const T *FASTBN_RESTRICT rdy = dy + r * w;                                          \
+        const T *FASTBN_RESTRICT rx = x + r * w;                                            \
+        for (ptrdiff_t j = 0; j < w; j++) {                                                 \
+            double d = (double)rdy[j], e = (double)rx[j] - center[j];                       \
+            g[j] += d;                                                                      \
+            p[j] += d * e;                                                                  \
+            q[j] += e;                                                                      \
+        }                                                                                   \
+    }                                                                                       \
+}                                                                                           \
+                                                                                            \
+/* gx = (dy - mdy - ((x - hi) - lo) * a) * k over n values, per-column coefficients. */     \
+static inline void fastbn_rows_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                \
+        const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n,                     \
+        const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT lo, const T *FASTBN_RESTRICT k,\
+        const T *FASTBN_RESTRICT mdy, const T *FASTBN_RESTRICT a) {                         \
+    for (ptrdiff_t j = 0; j < n; j++)                                                       \
+        gx[j] = (dy[j] - mdy[j] - ((x[j] - hi[j]) - lo[j]) * a[j]) * k[j];                  \
+}
+
+FASTBN_DEFINE_KERNELS(float, f32)
+FASTBN_DEFINE_KERNELS(double, f64)
+
+#endif /* FASTBN_KERNELS_H */
