@@ -454,80 +454,133 @@ cdef inline void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_
         rows_moments_f64(base, width, r0, r1, su, sq, first)
 
 
+cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, double* mean,
+                         double* m2, int num_threads) noexcept nogil:
+    """Per-channel mean and M2 of an (M, C) array; ``scratch`` holds 3 * (blocks + 1) * P."""
+    cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width, fold = width // n_chan
+    cdef Py_ssize_t groups = bl.blocks + 1, blk, r0, r1, c, j, f
+    # per group (blocks, then the tail): column sums and squares around its first row
+    cdef double* su = scratch
+    cdef double* sq = scratch + groups * width
+    cdef double* first = scratch + 2 * groups * width
+    cdef const floating* tail = base + bl.body_rows * width
+    cdef double cnt, seen, tot
+    cdef Moments acc, grp
+    for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
+        _block_bounds(bl, blk, &r0, &r1)
+        _rows_moments(base, width, r0, r1, &su[blk * width], &sq[blk * width],
+                      &first[blk * width])
+    if bl.tail > 0:
+        _rows_moments(tail, n_chan, 0, bl.tail, &su[bl.blocks * width],
+                      &sq[bl.blocks * width], &first[bl.blocks * width])
+    for c in range(n_chan):
+        seen = 0
+        acc.mean = 0
+        acc.m2 = 0
+        for blk in range(bl.blocks):
+            _block_bounds(bl, blk, &r0, &r1)
+            cnt = <double> (r1 - r0)
+            for f in range(fold):
+                j = c + f * n_chan
+                tot = su[blk * width + j]
+                grp.mean = first[blk * width + j] + tot / cnt
+                grp.m2 = sq[blk * width + j] - tot * (tot / cnt)
+                if grp.m2 < 0:
+                    grp.m2 = 0
+                acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
+                seen = seen + cnt
+        if bl.tail > 0:
+            cnt = <double> bl.tail
+            tot = su[bl.blocks * width + c]
+            grp.mean = first[bl.blocks * width + c] + tot / cnt
+            grp.m2 = sq[bl.blocks * width + c] - tot * (tot / cnt)
+            if grp.m2 < 0:
+                grp.m2 = 0
+            acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
+        mean[c] = acc.mean
+        m2[c] = acc.m2
+
+
+cdef double* _inner_scratch(Blocks bl, Py_ssize_t per_group) except NULL:
+    return <double*> _alloc(per_group * (bl.blocks + 1) * bl.width * sizeof(double))
+
+
+cdef inline void _tile(floating* a, Py_ssize_t n_chan, Py_ssize_t width) noexcept nogil:
+    """Repeat a[0:C] over a[0:P] (coefficients for a folded row)."""
+    cdef Py_ssize_t j
+    for j in range(n_chan, width):
+        a[j] = a[j - n_chan]
+
+
 def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
                         const floating[::1] weight, const floating[::1] bias,
                         floating[::1] running_mean, floating[::1] running_var,
                         floating[::1] save_mean, floating[::1] save_invstd,
                         double momentum, double eps, int num_threads):
     """Channel-inner version of :func:`forward_train_outer` for ``(M, C)`` views."""
-    cdef Py_ssize_t m = x.shape[0], n_chan = x.shape[1]
+    cdef Py_ssize_t m = x.shape[0], n_chan = x.shape[1], c
     cdef Blocks bl = _blocks(m, n_chan)
-    cdef Py_ssize_t width = bl.width, blk, r0, r1, c, j, f, groups = bl.blocks + 1
-    cdef Py_ssize_t fold = width // n_chan
-    cdef const floating* base = &x[0, 0]
-    cdef floating* out = &y[0, 0]
+    cdef Py_ssize_t width = bl.width
     cdef const floating* w = _opt(weight)
     cdef const floating* b = _opt(bias)
     cdef floating* rm = _opt_mut(running_mean)
     cdef floating* rv = _opt_mut(running_var)
-    cdef floating* sm = &save_mean[0]
-    cdef floating* si = &save_invstd[0]
-    # per group (blocks, then the tail): column sums and squares around its first row
-    cdef double* su = <double*> _alloc(3 * groups * width * sizeof(double))
-    cdef double* sq = su + groups * width
-    cdef double* first = su + 2 * groups * width
-    cdef floating* coef = <floating*> _alloc(4 * width * sizeof(floating))
-    cdef floating* hi = coef
-    cdef floating* lo = coef + width
-    cdef floating* sc = coef + 2 * width
-    cdef floating* sh = coef + 3 * width
-    cdef const floating* tail = base + bl.body_rows * width
-    cdef double cnt, seen, tot
-    cdef Moments acc, grp
+    cdef double* scratch = _inner_scratch(bl, 3)
+    cdef double* stats = NULL
+    cdef floating* coef = NULL
+    cdef Moments mo
+    try:
+        stats = <double*> _alloc(2 * n_chan * sizeof(double))
+        coef = <floating*> _alloc(4 * width * sizeof(floating))
+        with nogil:
+            _inner_moments(&x[0, 0], bl, scratch, stats, stats + n_chan, num_threads)
+            for c in range(n_chan):
+                mo.mean = stats[c]
+                mo.m2 = stats[n_chan + c]
+                _finish_train(c, mo, <double> m, eps, momentum, w, b, rm, rv, &save_mean[0],
+                              &save_invstd[0], coef, coef + width, coef + 2 * width,
+                              coef + 3 * width)
+            for c in range(4):
+                _tile(coef + c * width, n_chan, width)
+            _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + width, coef + 2 * width,
+                          coef + 3 * width, num_threads)
+    finally:
+        free(scratch)
+        free(stats)
+        free(coef)
+
+
+def moments_inner(const floating[:, ::1] x, double[::1] mean, double[::1] m2,
+                  int num_threads):
+    """Per-channel mean and M2 (sum of squared deviations) of ``x`` (M, C), M >= 1."""
+    cdef Blocks bl = _blocks(x.shape[0], x.shape[1])
+    cdef double* scratch = _inner_scratch(bl, 3)
     try:
         with nogil:
-            for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
-                _block_bounds(bl, blk, &r0, &r1)
-                _rows_moments(base, width, r0, r1, &su[blk * width], &sq[blk * width],
-                              &first[blk * width])
-            if bl.tail > 0:
-                _rows_moments(tail, n_chan, 0, bl.tail, &su[bl.blocks * width],
-                              &sq[bl.blocks * width], &first[bl.blocks * width])
-            for c in range(n_chan):
-                seen = 0
-                acc.mean = 0
-                acc.m2 = 0
-                for blk in range(bl.blocks):
-                    _block_bounds(bl, blk, &r0, &r1)
-                    cnt = <double> (r1 - r0)
-                    for f in range(fold):
-                        j = c + f * n_chan
-                        tot = su[blk * width + j]
-                        grp.mean = base[r0 * width + j] + tot / cnt
-                        grp.m2 = sq[blk * width + j] - tot * (tot / cnt)
-                        if grp.m2 < 0:
-                            grp.m2 = 0
-                        acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
-                        seen = seen + cnt
-                if bl.tail > 0:
-                    cnt = <double> bl.tail
-                    tot = su[bl.blocks * width + c]
-                    grp.mean = tail[c] + tot / cnt
-                    grp.m2 = sq[bl.blocks * width + c] - tot * (tot / cnt)
-                    if grp.m2 < 0:
-                        grp.m2 = 0
-                    acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
-                _finish_train(c, acc, <double> m, eps, momentum, w, b, rm, rv,
-                              sm, si, hi, lo, sc, sh)
-            for j in range(n_chan, width):   # tile the coefficients over the folded row
-                hi[j] = hi[j - n_chan]
-                lo[j] = lo[j - n_chan]
-                sc[j] = sc[j - n_chan]
-                sh[j] = sh[j - n_chan]
-            _inner_affine(base, out, bl, hi, lo, sc, sh, num_threads)
+            _inner_moments(&x[0, 0], bl, scratch, &mean[0], &m2[0], num_threads)
     finally:
-        free(su)
-        free(coef)
+        free(scratch)
+
+
+def moments_outer(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2,
+                  int num_threads):
+    """Per-channel mean and M2 of ``x`` (N, C, S), N * S >= 1, merged in plane order."""
+    cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
+    cdef Py_ssize_t planes = n_batch * n_chan, q, c, n
+    cdef Moments* part = <Moments*> _alloc(planes * sizeof(Moments))
+    cdef Moments acc
+    try:
+        with nogil:
+            for q in prange(planes, schedule="static", num_threads=num_threads):
+                part[q] = _run_moments(&x[q // n_chan, q % n_chan, 0], s)
+            for c in range(n_chan):
+                acc = part[c]
+                for n in range(1, n_batch):
+                    acc = _chan_merge(acc, <double> (n * s), part[n * n_chan + c], <double> s)
+                mean[c] = acc.mean
+                m2[c] = acc.m2
+    finally:
+        free(part)
 
 
 cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floating* hi,
@@ -578,74 +631,130 @@ cdef inline void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize
         rows_grad_sums_f64(dy, x, width, r0, r1, center, out)
 
 
+cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
+                           const double* ctr, double* part, GradSums* out,
+                           int num_threads) noexcept nogil:
+    """Per-channel GradSums of (M, C) arrays around ``ctr`` (the center tiled over P)."""
+    cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width, fold = width // n_chan
+    cdef Py_ssize_t off = bl.body_rows * width, blk, r0, r1, c, f, i
+    for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
+        _block_bounds(bl, blk, &r0, &r1)
+        _rows_grad_sums(pdy, px, width, r0, r1, ctr, &part[3 * blk * width])
+    if bl.tail > 0:
+        _rows_grad_sums(pdy + off, px + off, n_chan, 0, bl.tail, ctr,
+                        &part[3 * bl.blocks * width])
+    for c in range(n_chan):
+        out[c].dy = 0
+        out[c].dyx = 0
+        out[c].x = 0
+        for blk in range(bl.blocks):
+            for f in range(fold):
+                i = 3 * blk * width + c + f * n_chan
+                out[c].dy += part[i]
+                out[c].dyx += part[i + width]
+                out[c].x += part[i + 2 * width]
+        if bl.tail > 0:
+            i = 3 * bl.blocks * width + c
+            out[c].dy += part[i]
+            out[c].dyx += part[i + n_chan]
+            out[c].x += part[i + 2 * n_chan]
+
+
+cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* pgx,
+                            Blocks bl, const floating* coef, int num_threads) noexcept nogil:
+    """grad_input over an (M, C) array; ``coef`` = [hi | lo | k | mdy | a], each tiled to P."""
+    cdef Py_ssize_t width = bl.width, i
+    cdef const floating* hi = coef
+    cdef const floating* lo = coef + width
+    cdef const floating* k = coef + 2 * width
+    cdef const floating* mdy = coef + 3 * width
+    cdef const floating* a = coef + 4 * width
+    for i in prange(bl.body_rows, schedule="static", num_threads=num_threads):
+        _rows_grad_input(pdy, px, pgx, i * width, width, hi, lo, k, mdy, a)
+    _rows_grad_input(pdy, px, pgx, bl.body_rows * width, bl.tail * bl.n_chan, hi, lo, k, mdy,
+                     a)
+
+
 def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                    floating[:, ::1] gx, const floating[::1] weight,
                    const floating[::1] center, const double[::1] invstd, bint training,
                    floating[::1] grad_weight, floating[::1] grad_bias, int num_threads):
     """Channel-inner version of :func:`backward_outer` for ``(M, C)`` views."""
-    cdef Py_ssize_t m = x.shape[0], n_chan = x.shape[1]
+    cdef Py_ssize_t m = x.shape[0], n_chan = x.shape[1], c, j
     cdef Blocks bl = _blocks(m, n_chan)
-    cdef Py_ssize_t width = bl.width, blk, r0, r1, c, j, f, groups = bl.blocks + 1
-    cdef Py_ssize_t fold = width // n_chan
-    cdef const floating* pdy = &dy[0, 0]
-    cdef const floating* px = &x[0, 0]
-    cdef floating* pgx = &gx[0, 0]
+    cdef Py_ssize_t width = bl.width
     cdef const floating* w = _opt(weight)
     cdef floating* gw = _opt_mut(grad_weight)
     cdef floating* gb = _opt_mut(grad_bias)
     cdef bint need_sums = training or gw != NULL
-    cdef double* part = <double*> _alloc(3 * groups * width * sizeof(double))
-    cdef double* ctr = <double*> _alloc(width * sizeof(double))   # center, tiled
-    cdef floating* coef = <floating*> _alloc(5 * width * sizeof(floating))
-    cdef floating* hi = coef
-    cdef floating* lo = coef + width
-    cdef floating* k = coef + 2 * width
-    cdef floating* mdy = coef + 3 * width
-    cdef floating* a = coef + 4 * width
-    cdef Py_ssize_t off = bl.body_rows * width, i
-    cdef GradSums sums
+    cdef double* part = _inner_scratch(bl, 3)
+    cdef double* ctr = NULL
+    cdef GradSums* sums = NULL
+    cdef floating* coef = NULL
     try:
+        ctr = <double*> _alloc(width * sizeof(double))
+        sums = <GradSums*> _alloc(n_chan * sizeof(GradSums))
+        coef = <floating*> _alloc(5 * width * sizeof(floating))
         with nogil:
             for j in range(width):
                 ctr[j] = center[j % n_chan]
             if need_sums:
-                for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
-                    _block_bounds(bl, blk, &r0, &r1)
-                    _rows_grad_sums(pdy, px, width, r0, r1, ctr, &part[3 * blk * width])
-                if bl.tail > 0:
-                    _rows_grad_sums(pdy + off, px + off, n_chan, 0, bl.tail, ctr,
-                                    &part[3 * bl.blocks * width])
+                _inner_grad_sums(&dy[0, 0], &x[0, 0], bl, ctr, part, sums, num_threads)
+            else:
+                memset(sums, 0, n_chan * sizeof(GradSums))
             for c in range(n_chan):
-                sums.dy = 0
-                sums.dyx = 0
-                sums.x = 0
-                if need_sums:
-                    for blk in range(bl.blocks):
-                        for f in range(fold):
-                            j = c + f * n_chan
-                            sums.dy += part[3 * blk * width + j]
-                            sums.dyx += part[3 * blk * width + width + j]
-                            sums.x += part[3 * blk * width + 2 * width + j]
-                    if bl.tail > 0:
-                        i = 3 * bl.blocks * width
-                        sums.dy += part[i + c]
-                        sums.dyx += part[i + n_chan + c]
-                        sums.x += part[i + 2 * n_chan + c]
-                _finish_backward(c, sums, ctr[c], invstd[c], <double> m,
-                                 training, w, gw, gb, hi, lo, k, mdy, a)
-            for j in range(n_chan, width):
-                hi[j] = hi[j - n_chan]
-                lo[j] = lo[j - n_chan]
-                k[j] = k[j - n_chan]
-                mdy[j] = mdy[j - n_chan]
-                a[j] = a[j - n_chan]
-            for i in prange(bl.body_rows, schedule="static", num_threads=num_threads):
-                _rows_grad_input(pdy, px, pgx, i * width, width, hi, lo, k, mdy, a)
-            _rows_grad_input(pdy, px, pgx, off, bl.tail * n_chan, hi, lo, k, mdy, a)
+                _finish_backward(c, sums[c], ctr[c], invstd[c], <double> m, training, w, gw,
+                                 gb, coef, coef + width, coef + 2 * width, coef + 3 * width,
+                                 coef + 4 * width)
+            for c in range(5):
+                _tile(coef + c * width, n_chan, width)
+            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, coef, num_threads)
     finally:
         free(part)
         free(ctr)
+        free(sums)
         free(coef)
+
+
+def grad_sums_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
+                    const double[::1] center, double[:, ::1] out, int num_threads):
+    """``out[:, c] = [sum dy, sum dy * (x - center[c]), sum (x - center[c])]`` for (M, C)."""
+    cdef Py_ssize_t n_chan = x.shape[1], c, j
+    cdef Blocks bl = _blocks(x.shape[0], n_chan)
+    cdef double* part = _inner_scratch(bl, 3)
+    cdef double* ctr = NULL
+    cdef GradSums* sums = NULL
+    try:
+        ctr = <double*> _alloc(bl.width * sizeof(double))
+        sums = <GradSums*> _alloc(n_chan * sizeof(GradSums))
+        with nogil:
+            for j in range(bl.width):
+                ctr[j] = center[j % n_chan]
+            _inner_grad_sums(&dy[0, 0], &x[0, 0], bl, ctr, part, sums, num_threads)
+            for c in range(n_chan):
+                out[0, c] = sums[c].dy
+                out[1, c] = sums[c].dyx
+                out[2, c] = sums[c].x
+    finally:
+        free(part)
+        free(ctr)
+        free(sums)
+
+
+def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
+                     floating[:, ::1] gx, const floating[:, ::1] coef, int num_threads):
+    """``gx = (dy - mdy - ((x - hi) - lo) * a) * k`` with ``coef = [hi, lo, k, mdy, a]`` (5, C)."""
+    cdef Py_ssize_t n_chan = x.shape[1], c, j
+    cdef Blocks bl = _blocks(x.shape[0], n_chan)
+    cdef floating* tiled = <floating*> _alloc(5 * bl.width * sizeof(floating))
+    try:
+        with nogil:
+            for c in range(5):
+                for j in range(bl.width):
+                    tiled[c * bl.width + j] = coef[c, j % n_chan]
+            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, tiled, num_threads)
+    finally:
+        free(tiled)
 
 
 cdef inline void _rows_grad_input(const floating* dy, const floating* x, floating* gx,
@@ -656,6 +765,49 @@ cdef inline void _rows_grad_input(const floating* dy, const floating* x, floatin
         rows_grad_input_f32(dy + off, x + off, gx + off, n, hi, lo, k, mdy, a)
     else:
         rows_grad_input_f64(dy + off, x + off, gx + off, n, hi, lo, k, mdy, a)
+
+
+def grad_sums_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                    const double[::1] center, double[:, ::1] out, int num_threads):
+    """``out[:, c] = [sum dy, sum dy * (x - center[c]), sum (x - center[c])]`` for (N, C, S)."""
+    cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
+    cdef Py_ssize_t planes = n_batch * n_chan, q, c, n
+    cdef GradSums* part = <GradSums*> _alloc(planes * sizeof(GradSums))
+    cdef GradSums zero, acc
+    zero.dy = 0
+    zero.dyx = 0
+    zero.x = 0
+    try:
+        with nogil:
+            for q in prange(planes, schedule="static", num_threads=num_threads):
+                c = q % n_chan
+                part[q] = _run_grad_sums(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0], s,
+                                         center[c], zero)
+            for c in range(n_chan):
+                acc = zero
+                for n in range(n_batch):
+                    q = n * n_chan + c
+                    acc.dy += part[q].dy
+                    acc.dyx += part[q].dyx
+                    acc.x += part[q].x
+                out[0, c] = acc.dy
+                out[1, c] = acc.dyx
+                out[2, c] = acc.x
+    finally:
+        free(part)
+
+
+def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                     floating[:, :, ::1] gx, const floating[:, ::1] coef, int num_threads):
+    """``gx = (dy - mdy - ((x - hi) - lo) * a) * k`` with ``coef = [hi, lo, k, mdy, a]`` (5, C)."""
+    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
+    cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
+    with nogil:
+        for q in prange(planes, schedule="static", num_threads=num_threads):
+            c = q % n_chan
+            _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
+                            &gx[q // n_chan, c, 0], s, coef[0, c], coef[1, c], coef[2, c],
+                            coef[3, c], coef[4, c])
 
 
 # ---------------------------------------------------------------------------

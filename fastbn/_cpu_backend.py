@@ -72,3 +72,66 @@ def backward(gy, x, weight, mean, invstd, training):
                       np.ascontiguousarray(mean, dtype), invstd.astype(np.float64), training,
                       gw, gb, threads_for(x.size))
     return gx, gw, gb
+
+
+# -- building blocks for callers that combine statistics across processes -------------
+# (SyncBatchNorm): the fused functions above are these steps in one kernel call.
+
+_MOMENTS = {"outer": _cpu.moments_outer, "inner": _cpu.moments_inner}
+_GRAD_SUMS = {"outer": _cpu.grad_sums_outer, "inner": _cpu.grad_sums_inner}
+_GRAD_INPUT = {"outer": _cpu.grad_input_outer, "inner": _cpu.grad_input_inner}
+
+
+def moments(x):
+    """Per-channel float64 ``(mean, m2, count)`` of ``x``; m2 = sum of squared deviations."""
+    p = _plan(np, x)
+    n_chan = p.shape[1]
+    mean = np.zeros(n_chan)
+    m2 = np.zeros(n_chan)
+    if p.count:
+        _MOMENTS[p.kind](p.view, mean, m2, threads_for(x.size))
+    return mean, m2, p.count
+
+
+def normalize(x, mean, invstd, weight, bias):
+    """``(x - mean) * invstd * weight + bias`` from float64 per-channel ``mean``/``invstd``."""
+    p = _plan(np, x)
+    y, y_view = p.empty_output(np, x.dtype)
+    if p.count:
+        hi = mean.astype(x.dtype)
+        lo = (mean - hi).astype(x.dtype)
+        scale = invstd if weight is None else invstd * weight
+        shift = np.zeros(p.shape[1], x.dtype) if bias is None else bias
+        _AFFINE[p.kind](p.view, y_view, hi, lo, scale.astype(x.dtype), shift,
+                        threads_for(x.size))
+    return y
+
+
+def grad_sums(gy, x, center):
+    """float64 ``(sum dy, sum dy * (x - center), sum (x - center))`` per channel."""
+    p = _plan(np, x)
+    out = np.zeros((3, p.shape[1]))
+    if p.count:
+        _GRAD_SUMS[p.kind](p.conform(np, gy), p.view, np.ascontiguousarray(center, np.float64),
+                           out, threads_for(x.size))
+    return out[0], out[1], out[2]
+
+
+def grad_input(gy, x, weight, mean, invstd, sum_dy, sum_dyx, count):
+    """Training grad_input from float64 batch ``mean``/``invstd`` and the sums around ``mean``.
+
+    ``count`` and the sums may cover more values than ``x`` (all processes of a
+    synchronized batch norm).
+    """
+    p = _plan(np, x)
+    gx, gx_view = p.empty_output(np, x.dtype)
+    if p.count:
+        hi = mean.astype(x.dtype)
+        coef = np.empty((5, p.shape[1]), x.dtype)
+        coef[0] = hi
+        coef[1] = mean - hi
+        coef[2] = invstd if weight is None else invstd * weight
+        coef[3] = sum_dy / count
+        coef[4] = sum_dyx * invstd * invstd / count
+        _GRAD_INPUT[p.kind](p.conform(np, gy), p.view, gx_view, coef, threads_for(x.size))
+    return gx

@@ -27,28 +27,27 @@ class Plan:
         if self.kind == "inner" and len(self.shape) > 2 and prod(self.shape[2:]) > 1:
             last = (self.shape[0],) + tuple(self.shape[2:]) + (n_chan,)
             out = xp.empty(last, dtype=dtype)
-            return xp.moveaxis(out, -1, 1), out.reshape(-1, n_chan)
+            return xp.moveaxis(out, -1, 1), out.reshape(self.count, n_chan)
         out = xp.empty(self.shape, dtype=dtype)
         return out, self.view_of(out)
 
     def view_of(self, a):
         """View ``a`` (same shape as the input, same layout kind) as the kernel sees it."""
-        n_chan = self.shape[1]
+        n_chan, spatial = self.shape[1], prod(self.shape[2:])
         if self.kind == "outer":
-            return a.reshape(self.shape[0], n_chan, -1)
-        if len(self.shape) > 2 and prod(self.shape[2:]) > 1:
-            return a.transpose((0,) + tuple(range(2, a.ndim)) + (1,)).reshape(-1, n_chan)
-        return a.reshape(-1, n_chan)
+            return a.reshape(self.shape[0], n_chan, spatial)
+        if len(self.shape) > 2 and spatial > 1:
+            a = a.transpose((0,) + tuple(range(2, a.ndim)) + (1,))
+        return a.reshape(self.shape[0] * spatial, n_chan)
 
     def conform(self, xp, a):
         """Kernel view of ``a`` in this plan's layout, copying only when ``a``'s differs."""
-        n_chan = self.shape[1]
+        n_chan, spatial = self.shape[1], prod(self.shape[2:])
         if self.kind == "outer":
-            return xp.ascontiguousarray(a).reshape(self.shape[0], n_chan, -1)
-        if len(self.shape) > 2 and prod(self.shape[2:]) > 1:
-            last = xp.ascontiguousarray(xp.moveaxis(a, 1, -1))
-            return last.reshape(-1, n_chan)
-        return xp.ascontiguousarray(a).reshape(-1, n_chan)
+            return xp.ascontiguousarray(a).reshape(self.shape[0], n_chan, spatial)
+        if len(self.shape) > 2 and spatial > 1:
+            a = xp.moveaxis(a, 1, -1)
+        return xp.ascontiguousarray(a).reshape(self.count, n_chan)
 
 
 def _channels_last(x):
@@ -69,7 +68,7 @@ def plan(xp, x):
     if x.flags.c_contiguous:
         return Plan("outer", x.reshape(n_batch, n_chan, spatial), shape, count)
     if _channels_last(x):
-        view = x.transpose((0,) + tuple(range(2, x.ndim)) + (1,)).reshape(-1, n_chan)
+        view = x.transpose((0,) + tuple(range(2, x.ndim)) + (1,)).reshape(count, n_chan)
         return Plan("inner", view, shape, count)
     return Plan("outer", xp.ascontiguousarray(x).reshape(n_batch, n_chan, spatial),
                 shape, count)
