@@ -66,11 +66,27 @@ def omp_max_threads():
     return omp_get_max_threads()
 
 
+cdef extern from "Python.h":
+    int PyTraceMalloc_Track(unsigned int domain, size_t ptr, size_t size)
+    int PyTraceMalloc_Untrack(unsigned int domain, size_t ptr)
+
+# Scratch is reported to tracemalloc (under its own domain) so that tests can
+# check that no call allocates more than its outputs and O(C) scratch.
+cdef unsigned int TRACE_DOMAIN = 0xFA57B
+
+
 cdef void* _alloc(size_t nbytes) except NULL:
     cdef void* p = malloc(nbytes if nbytes > 0 else 1)
     if p == NULL:
         raise MemoryError(f"fastbn: cannot allocate {nbytes} bytes of scratch")
+    PyTraceMalloc_Track(TRACE_DOMAIN, <size_t> p, nbytes)
     return p
+
+
+cdef void _free(void* p) noexcept:
+    if p != NULL:
+        PyTraceMalloc_Untrack(TRACE_DOMAIN, <size_t> p)
+        free(p)
 
 
 cdef inline const floating* _opt(const floating[::1] a) noexcept:
@@ -238,6 +254,111 @@ cdef inline void _run_grad_input(const floating* dy, const floating* x, floating
 # channel-outer layout: (N, C, S)
 # ---------------------------------------------------------------------------
 
+cdef inline Py_ssize_t _n_groups(Py_ssize_t n_batch) noexcept nogil:
+    return n_batch if n_batch < MAX_BLOCKS else MAX_BLOCKS
+
+
+cdef inline Py_ssize_t _group_start(Py_ssize_t g, Py_ssize_t n_batch,
+                                    Py_ssize_t groups) noexcept nogil:
+    return (g * n_batch) // groups
+
+
+cdef inline Moments _unit_moments(const floating[:, :, ::1] x, Py_ssize_t c, Py_ssize_t n0,
+                                  Py_ssize_t n1) noexcept nogil:
+    cdef Py_ssize_t s = x.shape[2], n
+    cdef Moments acc = _run_moments(&x[n0, c, 0], s)
+    for n in range(n0 + 1, n1):
+        acc = _chan_merge(acc, <double> ((n - n0) * s), _run_moments(&x[n, c, 0], s),
+                          <double> s)
+    return acc
+
+
+cdef inline GradSums _unit_grad_sums(const floating[:, :, ::1] dy,
+                                     const floating[:, :, ::1] x, Py_ssize_t c,
+                                     Py_ssize_t n0, Py_ssize_t n1, double center,
+                                     GradSums acc) noexcept nogil:
+    cdef Py_ssize_t n
+    for n in range(n0, n1):
+        acc = _run_grad_sums(&dy[n, c, 0], &x[n, c, 0], x.shape[2], center, acc)
+    return acc
+
+
+cdef inline GradSums _add_sums(GradSums a, GradSums b) noexcept nogil:
+    a.dy += b.dy
+    a.dyx += b.dyx
+    a.x += b.x
+    return a
+
+
+cdef void _outer_moments(const floating[:, :, ::1] x, Moments* units, Moments* out,
+                         int num_threads) noexcept nogil:
+    """Per-channel moments via (group, channel) units, units in parallel."""
+    cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
+    cdef Py_ssize_t groups = _n_groups(n_batch), q, g, c, n0, n1
+    cdef Moments acc
+    for q in prange(groups * n_chan, schedule="static", num_threads=num_threads):
+        g = q // n_chan
+        units[q] = _unit_moments(x, q % n_chan, _group_start(g, n_batch, groups),
+                                 _group_start(g + 1, n_batch, groups))
+    for c in range(n_chan):
+        acc = units[c]
+        for g in range(1, groups):
+            n0 = _group_start(g, n_batch, groups)
+            n1 = _group_start(g + 1, n_batch, groups)
+            acc = _chan_merge(acc, <double> (n0 * s), units[g * n_chan + c],
+                              <double> ((n1 - n0) * s))
+        out[c] = acc
+
+
+cdef inline Moments _channel_moments(const floating[:, :, ::1] x, Py_ssize_t c) noexcept nogil:
+    """The same tree as :func:`_outer_moments`, for one channel on one thread."""
+    cdef Py_ssize_t n_batch = x.shape[0], s = x.shape[2]
+    cdef Py_ssize_t groups = _n_groups(n_batch), g, n0, n1
+    cdef Moments acc = _unit_moments(x, c, 0, _group_start(1, n_batch, groups))
+    for g in range(1, groups):
+        n0 = _group_start(g, n_batch, groups)
+        n1 = _group_start(g + 1, n_batch, groups)
+        acc = _chan_merge(acc, <double> (n0 * s), _unit_moments(x, c, n0, n1),
+                          <double> ((n1 - n0) * s))
+    return acc
+
+
+cdef void _outer_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                           const double* center, GradSums* units, GradSums* out,
+                           int num_threads) noexcept nogil:
+    cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1]
+    cdef Py_ssize_t groups = _n_groups(n_batch), q, g, c
+    cdef GradSums zero
+    zero.dy = 0
+    zero.dyx = 0
+    zero.x = 0
+    for q in prange(groups * n_chan, schedule="static", num_threads=num_threads):
+        g = q // n_chan
+        c = q % n_chan
+        units[q] = _unit_grad_sums(dy, x, c, _group_start(g, n_batch, groups),
+                                   _group_start(g + 1, n_batch, groups), center[c], zero)
+    for c in range(n_chan):
+        out[c] = units[c]
+        for g in range(1, groups):
+            out[c] = _add_sums(out[c], units[g * n_chan + c])
+
+
+cdef inline GradSums _channel_grad_sums(const floating[:, :, ::1] dy,
+                                        const floating[:, :, ::1] x, Py_ssize_t c,
+                                        double center) noexcept nogil:
+    cdef Py_ssize_t n_batch = x.shape[0], groups = _n_groups(n_batch), g
+    cdef GradSums zero, acc
+    zero.dy = 0
+    zero.dyx = 0
+    zero.x = 0
+    acc = _unit_grad_sums(dy, x, c, 0, _group_start(1, n_batch, groups), center, zero)
+    for g in range(1, groups):
+        acc = _add_sums(acc, _unit_grad_sums(dy, x, c, _group_start(g, n_batch, groups),
+                                             _group_start(g + 1, n_batch, groups), center,
+                                             zero))
+    return acc
+
+
 cdef int _schedule = 0     # 0: automatic, 1: always per channel, 2: always per plane
 
 
@@ -277,45 +398,41 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef floating* rv = _opt_mut(running_var)
     cdef floating* sm = &save_mean[0]
     cdef floating* si = &save_invstd[0]
-    cdef floating* coef = <floating*> _alloc(4 * n_chan * sizeof(floating))
-    cdef floating* hi = coef
-    cdef floating* lo = coef + n_chan
-    cdef floating* sc = coef + 2 * n_chan
-    cdef floating* sh = coef + 3 * n_chan
-    cdef Moments* part = NULL
-    cdef Moments acc
+    cdef floating* coef = NULL
+    cdef floating* hi
+    cdef floating* lo
+    cdef floating* sc
+    cdef floating* sh
+    cdef Moments* units = NULL
     cdef bint per_channel = _per_channel(n_chan, num_threads)
     try:
+        coef = <floating*> _alloc(4 * n_chan * sizeof(floating))
+        hi = coef
+        lo = coef + n_chan
+        sc = coef + 2 * n_chan
+        sh = coef + 3 * n_chan
         if not per_channel:
-            part = <Moments*> _alloc(planes * sizeof(Moments))
+            units = <Moments*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(Moments))
         with nogil:
             if per_channel:
+                # stats then normalize while the channel's planes are still in cache
                 for c in prange(n_chan, schedule="dynamic", num_threads=num_threads):
-                    acc = _run_moments(&x[0, c, 0], s)
-                    for n in range(1, n_batch):
-                        acc = _chan_merge(acc, <double> (n * s), _run_moments(&x[n, c, 0], s),
-                                          <double> s)
-                    _finish_train(c, acc, count, eps, momentum, w, b, rm, rv,
-                                  sm, si, hi, lo, sc, sh)
+                    _finish_train(c, _channel_moments(x, c), count, eps, momentum, w, b, rm,
+                                  rv, sm, si, hi, lo, sc, sh)
                     for n in range(n_batch):
                         _run_affine(&x[n, c, 0], &y[n, c, 0], s, hi[c], lo[c], sc[c], sh[c])
             else:
-                for q in prange(planes, schedule="static", num_threads=num_threads):
-                    part[q] = _run_moments(&x[q // n_chan, q % n_chan, 0], s)
+                _outer_moments(x, units + n_chan, units, num_threads)
                 for c in range(n_chan):
-                    acc = part[c]
-                    for n in range(1, n_batch):
-                        acc = _chan_merge(acc, <double> (n * s), part[n * n_chan + c],
-                                          <double> s)
-                    _finish_train(c, acc, count, eps, momentum, w, b, rm, rv,
-                                  sm, si, hi, lo, sc, sh)
+                    _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si, hi,
+                                  lo, sc, sh)
                 for q in prange(planes, schedule="static", num_threads=num_threads):
                     c = q % n_chan
                     _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c],
                                 lo[c], sc[c], sh[c])
     finally:
-        free(coef)
-        free(part)
+        _free(coef)
+        _free(units)
 
 
 def affine_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
@@ -346,50 +463,46 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef const floating* w = _opt(weight)
     cdef floating* gw = _opt_mut(grad_weight)
     cdef floating* gb = _opt_mut(grad_bias)
+    cdef double* ctr = NULL
     cdef bint need_sums = training or gw != NULL
-    cdef floating* coef = <floating*> _alloc(5 * n_chan * sizeof(floating))
-    cdef floating* hi = coef
-    cdef floating* lo = coef + n_chan
-    cdef floating* k = coef + 2 * n_chan
-    cdef floating* mdy = coef + 3 * n_chan
-    cdef floating* a = coef + 4 * n_chan
-    cdef GradSums* part = NULL
-    cdef GradSums sums, zero
+    cdef floating* coef = NULL
+    cdef floating* hi
+    cdef floating* lo
+    cdef floating* k
+    cdef floating* mdy
+    cdef floating* a
+    cdef GradSums* units = NULL
+    cdef GradSums zero
     cdef bint per_channel = _per_channel(n_chan, num_threads)
     zero.dy = 0
     zero.dyx = 0
     zero.x = 0
     try:
+        ctr = <double*> _alloc(n_chan * sizeof(double))
+        for c in range(n_chan):
+            ctr[c] = center[c]
+        coef = <floating*> _alloc(5 * n_chan * sizeof(floating))
+        hi = coef
+        lo = coef + n_chan
+        k = coef + 2 * n_chan
+        mdy = coef + 3 * n_chan
+        a = coef + 4 * n_chan
         if not per_channel:
-            part = <GradSums*> _alloc(planes * sizeof(GradSums))
+            units = <GradSums*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(GradSums))
         with nogil:
             if per_channel:
                 for c in prange(n_chan, schedule="dynamic", num_threads=num_threads):
-                    sums = zero
-                    if need_sums:
-                        for n in range(n_batch):
-                            sums = _run_grad_sums(&dy[n, c, 0], &x[n, c, 0], s, center[c],
-                                                  sums)
-                    _finish_backward(c, sums, center[c], invstd[c],
-                                     count, training, w, gw, gb, hi, lo, k, mdy, a)
+                    _finish_backward(c, _channel_grad_sums(dy, x, c, ctr[c]) if need_sums
+                                     else zero, ctr[c], invstd[c], count, training, w, gw,
+                                     gb, hi, lo, k, mdy, a)
                     for n in range(n_batch):
                         _run_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s, hi[c],
                                         lo[c], k[c], mdy[c], a[c])
             else:
                 if need_sums:
-                    for q in prange(planes, schedule="static", num_threads=num_threads):
-                        c = q % n_chan
-                        part[q] = _run_grad_sums(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
-                                                 s, center[c], zero)
+                    _outer_grad_sums(dy, x, ctr, units + n_chan, units, num_threads)
                 for c in range(n_chan):
-                    sums = zero
-                    if need_sums:
-                        for n in range(n_batch):
-                            q = n * n_chan + c
-                            sums.dy += part[q].dy
-                            sums.dyx += part[q].dyx
-                            sums.x += part[q].x
-                    _finish_backward(c, sums, center[c], invstd[c],
+                    _finish_backward(c, units[c] if need_sums else zero, ctr[c], invstd[c],
                                      count, training, w, gw, gb, hi, lo, k, mdy, a)
                 for q in prange(planes, schedule="static", num_threads=num_threads):
                     c = q % n_chan
@@ -397,8 +510,55 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                                     &gx[q // n_chan, c, 0], s, hi[c], lo[c], k[c], mdy[c],
                                     a[c])
     finally:
-        free(coef)
-        free(part)
+        _free(ctr)
+        _free(coef)
+        _free(units)
+
+
+def moments_outer(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2,
+                  int num_threads):
+    """Per-channel mean and M2 of ``x`` (N, C, S), N * S >= 1."""
+    cdef Py_ssize_t n_chan = x.shape[1], c
+    cdef Moments* units = <Moments*> _alloc((_n_groups(x.shape[0]) + 1) * n_chan
+                                            * sizeof(Moments))
+    try:
+        with nogil:
+            _outer_moments(x, units + n_chan, units, num_threads)
+            for c in range(n_chan):
+                mean[c] = units[c].mean
+                m2[c] = units[c].m2
+    finally:
+        _free(units)
+
+
+def grad_sums_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                    const double[::1] center, double[:, ::1] out, int num_threads):
+    """``out[:, c] = [sum dy, sum dy * (x - center[c]), sum (x - center[c])]`` for (N, C, S)."""
+    cdef Py_ssize_t n_chan = x.shape[1], c
+    cdef GradSums* units = <GradSums*> _alloc((_n_groups(x.shape[0]) + 1) * n_chan
+                                              * sizeof(GradSums))
+    try:
+        with nogil:
+            _outer_grad_sums(dy, x, &center[0], units + n_chan, units, num_threads)
+            for c in range(n_chan):
+                out[0, c] = units[c].dy
+                out[1, c] = units[c].dyx
+                out[2, c] = units[c].x
+    finally:
+        _free(units)
+
+
+def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                     floating[:, :, ::1] gx, const floating[:, ::1] coef, int num_threads):
+    """``gx = (dy - mdy - ((x - hi) - lo) * a) * k`` with ``coef = [hi, lo, k, mdy, a]`` (5, C)."""
+    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
+    cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
+    with nogil:
+        for q in prange(planes, schedule="static", num_threads=num_threads):
+            c = q % n_chan
+            _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
+                            &gx[q // n_chan, c, 0], s, coef[0, c], coef[1, c], coef[2, c],
+                            coef[3, c], coef[4, c])
 
 
 # ---------------------------------------------------------------------------
@@ -545,9 +705,9 @@ def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + width, coef + 2 * width,
                           coef + 3 * width, num_threads)
     finally:
-        free(scratch)
-        free(stats)
-        free(coef)
+        _free(scratch)
+        _free(stats)
+        _free(coef)
 
 
 def moments_inner(const floating[:, ::1] x, double[::1] mean, double[::1] m2,
@@ -559,28 +719,7 @@ def moments_inner(const floating[:, ::1] x, double[::1] mean, double[::1] m2,
         with nogil:
             _inner_moments(&x[0, 0], bl, scratch, &mean[0], &m2[0], num_threads)
     finally:
-        free(scratch)
-
-
-def moments_outer(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2,
-                  int num_threads):
-    """Per-channel mean and M2 of ``x`` (N, C, S), N * S >= 1, merged in plane order."""
-    cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = n_batch * n_chan, q, c, n
-    cdef Moments* part = <Moments*> _alloc(planes * sizeof(Moments))
-    cdef Moments acc
-    try:
-        with nogil:
-            for q in prange(planes, schedule="static", num_threads=num_threads):
-                part[q] = _run_moments(&x[q // n_chan, q % n_chan, 0], s)
-            for c in range(n_chan):
-                acc = part[c]
-                for n in range(1, n_batch):
-                    acc = _chan_merge(acc, <double> (n * s), part[n * n_chan + c], <double> s)
-                mean[c] = acc.mean
-                m2[c] = acc.m2
-    finally:
-        free(part)
+        _free(scratch)
 
 
 cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floating* hi,
@@ -619,7 +758,7 @@ def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + bl.width,
                           coef + 2 * bl.width, coef + 3 * bl.width, num_threads)
     finally:
-        free(coef)
+        _free(coef)
 
 
 cdef inline void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize_t width,
@@ -710,10 +849,10 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                 _tile(coef + c * width, n_chan, width)
             _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, coef, num_threads)
     finally:
-        free(part)
-        free(ctr)
-        free(sums)
-        free(coef)
+        _free(part)
+        _free(ctr)
+        _free(sums)
+        _free(coef)
 
 
 def grad_sums_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
@@ -736,9 +875,9 @@ def grad_sums_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                 out[1, c] = sums[c].dyx
                 out[2, c] = sums[c].x
     finally:
-        free(part)
-        free(ctr)
-        free(sums)
+        _free(part)
+        _free(ctr)
+        _free(sums)
 
 
 def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
@@ -754,7 +893,7 @@ def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                     tiled[c * bl.width + j] = coef[c, j % n_chan]
             _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, tiled, num_threads)
     finally:
-        free(tiled)
+        _free(tiled)
 
 
 cdef inline void _rows_grad_input(const floating* dy, const floating* x, floating* gx,
@@ -765,49 +904,6 @@ cdef inline void _rows_grad_input(const floating* dy, const floating* x, floatin
         rows_grad_input_f32(dy + off, x + off, gx + off, n, hi, lo, k, mdy, a)
     else:
         rows_grad_input_f64(dy + off, x + off, gx + off, n, hi, lo, k, mdy, a)
-
-
-def grad_sums_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-                    const double[::1] center, double[:, ::1] out, int num_threads):
-    """``out[:, c] = [sum dy, sum dy * (x - center[c]), sum (x - center[c])]`` for (N, C, S)."""
-    cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = n_batch * n_chan, q, c, n
-    cdef GradSums* part = <GradSums*> _alloc(planes * sizeof(GradSums))
-    cdef GradSums zero, acc
-    zero.dy = 0
-    zero.dyx = 0
-    zero.x = 0
-    try:
-        with nogil:
-            for q in prange(planes, schedule="static", num_threads=num_threads):
-                c = q % n_chan
-                part[q] = _run_grad_sums(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0], s,
-                                         center[c], zero)
-            for c in range(n_chan):
-                acc = zero
-                for n in range(n_batch):
-                    q = n * n_chan + c
-                    acc.dy += part[q].dy
-                    acc.dyx += part[q].dyx
-                    acc.x += part[q].x
-                out[0, c] = acc.dy
-                out[1, c] = acc.dyx
-                out[2, c] = acc.x
-    finally:
-        free(part)
-
-
-def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-                     floating[:, :, ::1] gx, const floating[:, ::1] coef, int num_threads):
-    """``gx = (dy - mdy - ((x - hi) - lo) * a) * k`` with ``coef = [hi, lo, k, mdy, a]`` (5, C)."""
-    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
-    with nogil:
-        for q in prange(planes, schedule="static", num_threads=num_threads):
-            c = q % n_chan
-            _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
-                            &gx[q // n_chan, c, 0], s, coef[0, c], coef[1, c], coef[2, c],
-                            coef[3, c], coef[4, c])
 
 
 # ---------------------------------------------------------------------------
