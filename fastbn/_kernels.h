@@ -27,6 +27,21 @@
 
 #define FASTBN_LANES 8
 
+/*
+ * Run-time dispatch for a portable build: each kernel is compiled for AVX-512,
+ * AVX2+FMA and baseline x86-64, and the loader picks the best the CPU has
+ * (GCC's target_clones, an ifunc on glibc). Results are the same for any thread
+ * count on a given machine; across machines the last bits may differ (FMA).
+ * FASTBN_NO_DISPATCH turns it off.
+ */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) \
+    && defined(__linux__) && !defined(FASTBN_NO_DISPATCH)
+#define FASTBN_KERNEL static __attribute__((noinline, target_clones( \
+    "arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTBN_KERNEL static inline
+#endif
+
 typedef struct { double mean; double m2; } fastbn_moments;
 typedef struct { double dy; double dyx; double x; } fastbn_gradsums;
 
@@ -34,21 +49,110 @@ static inline double fastbn_tree8(const double *v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
-#define FASTBN_DEFINE_KERNELS(T, SUF)                                                       \
-                                                                                            \
-/* Mean and sum of squared deviations of n >= 1 values, summed around p[0]. */              \
-static inline fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p,           \
-                                                     ptrdiff_t n) {                         \
-    const double shift = (double)p[0];                                                      \
-    double s[FASTBN_LANES] = {0}, q[FASTBN_LANES] = {0};                                    \
-    ptrdiff_t i = 0, n8 = n - n % FASTBN_LANES;                                             \
+/*
+ * Explicit 4 x double vectors (GCC/Clang vector extensions) for the float64
+ * accumulations: the auto-vectoriser does not turn the float -> double lanes
+ * below into SIMD on its own. Lane j of (lo, hi) = lane j of the scalar code, so
+ * both spellings sum in the same order. Other compilers take the scalar path.
+ */
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(FASTBN_NO_VECTOR_EXT)
+#define FASTBN_VEC 1
+/* The helpers below are always inlined, so passing 32-byte vectors by value
+   never crosses a call boundary whatever instruction set a clone uses. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define FASTBN_VINLINE static inline __attribute__((always_inline))
+typedef double fastbn_v4d __attribute__((vector_size(32)));
+typedef float fastbn_v4f __attribute__((vector_size(16)));
+
+FASTBN_VINLINE fastbn_v4d fastbn_load4_f32(const float *p) {
+    fastbn_v4f v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, fastbn_v4d);
+}
+
+FASTBN_VINLINE fastbn_v4d fastbn_load4_f64(const double *p) {
+    fastbn_v4d v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+FASTBN_VINLINE void fastbn_store_lanes(double *lanes, fastbn_v4d lo, fastbn_v4d hi) {
+    memcpy(lanes, &lo, sizeof lo);
+    memcpy(lanes + 4, &hi, sizeof hi);
+}
+#endif
+
+/* Main loops of the lane reductions, over i < n8 (a multiple of 8). */
+#ifdef FASTBN_VEC
+#define FASTBN_MOMENTS_LANES(LOAD)                                                          \
+    {                                                                                       \
+        const fastbn_v4d vs = {shift, shift, shift, shift};                                 \
+        fastbn_v4d s0 = {0, 0, 0, 0}, s1 = s0, q0 = s0, q1 = s0;                            \
+        for (; i < n8; i += FASTBN_LANES) {                                                 \
+            fastbn_v4d d0 = LOAD(p + i) - vs, d1 = LOAD(p + i + 4) - vs;                    \
+            s0 += d0;                                                                       \
+            s1 += d1;                                                                       \
+            q0 += d0 * d0;                                                                  \
+            q1 += d1 * d1;                                                                  \
+        }                                                                                   \
+        fastbn_store_lanes(s, s0, s1);                                                      \
+        fastbn_store_lanes(q, q0, q1);                                                      \
+    }
+#define FASTBN_GRAD_SUMS_LANES(LOAD)                                                        \
+    {                                                                                       \
+        const fastbn_v4d vc = {center, center, center, center};                             \
+        fastbn_v4d g0 = {0, 0, 0, 0}, g1 = g0, p0 = g0, p1 = g0, q0 = g0, q1 = g0;          \
+        for (; i < n8; i += FASTBN_LANES) {                                                 \
+            fastbn_v4d d0 = LOAD(dy + i), d1 = LOAD(dy + i + 4);                            \
+            fastbn_v4d e0 = LOAD(x + i) - vc, e1 = LOAD(x + i + 4) - vc;                    \
+            g0 += d0;                                                                       \
+            g1 += d1;                                                                       \
+            p0 += d0 * e0;                                                                  \
+            p1 += d1 * e1;                                                                  \
+            q0 += e0;                                                                       \
+            q1 += e1;                                                                       \
+        }                                                                                   \
+        fastbn_store_lanes(g, g0, g1);                                                      \
+        fastbn_store_lanes(p, p0, p1);                                                      \
+        fastbn_store_lanes(q, q0, q1);                                                      \
+    }
+#define FASTBN_MOMENTS_LANES_f32 FASTBN_MOMENTS_LANES(fastbn_load4_f32)
+#define FASTBN_MOMENTS_LANES_f64 FASTBN_MOMENTS_LANES(fastbn_load4_f64)
+#define FASTBN_GRAD_SUMS_LANES_f32 FASTBN_GRAD_SUMS_LANES(fastbn_load4_f32)
+#define FASTBN_GRAD_SUMS_LANES_f64 FASTBN_GRAD_SUMS_LANES(fastbn_load4_f64)
+#else
+#define FASTBN_MOMENTS_LANES_SCALAR                                                         \
     for (; i < n8; i += FASTBN_LANES) {                                                     \
         for (int j = 0; j < FASTBN_LANES; j++) {                                            \
             double d = (double)p[i + j] - shift;                                            \
             s[j] += d;                                                                      \
             q[j] += d * d;                                                                  \
         }                                                                                   \
-    }                                                                                       \
+    }
+#define FASTBN_GRAD_SUMS_LANES_SCALAR                                                       \
+    for (; i < n8; i += FASTBN_LANES) {                                                     \
+        for (int j = 0; j < FASTBN_LANES; j++) {                                            \
+            double d = (double)dy[i + j], e = (double)x[i + j] - center;                    \
+            g[j] += d;                                                                      \
+            p[j] += d * e;                                                                  \
+            q[j] += e;                                                                      \
+        }                                                                                   \
+    }
+#define FASTBN_MOMENTS_LANES_f32 FASTBN_MOMENTS_LANES_SCALAR
+#define FASTBN_MOMENTS_LANES_f64 FASTBN_MOMENTS_LANES_SCALAR
+#define FASTBN_GRAD_SUMS_LANES_f32 FASTBN_GRAD_SUMS_LANES_SCALAR
+#define FASTBN_GRAD_SUMS_LANES_f64 FASTBN_GRAD_SUMS_LANES_SCALAR
+#endif
+
+#define FASTBN_DEFINE_KERNELS(T, SUF)                                                       \
+                                                                                            \
+/* Mean and sum of squared deviations of n >= 1 values, summed around p[0]. */              \
+FASTBN_KERNEL fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p,           \
+                                                     ptrdiff_t n) {                         \
+    const double shift = (double)p[0];                                                      \
+    double s[FASTBN_LANES] = {0}, q[FASTBN_LANES] = {0};                                    \
+    ptrdiff_t i = 0, n8 = n - n % FASTBN_LANES;                                             \
+    FASTBN_MOMENTS_LANES_##SUF                                                              \
     for (; i < n; i++) {                                                                    \
         double d = (double)p[i] - shift;                                                    \
         s[0] += d;                                                                          \
@@ -63,25 +167,18 @@ static inline fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p
 }                                                                                           \
                                                                                             \
 /* y = ((x - hi) - lo) * sc + sh, per-run scalar coefficients. */                           \
-static inline void fastbn_run_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
+FASTBN_KERNEL void fastbn_run_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
                                            ptrdiff_t n, T hi, T lo, T sc, T sh) {           \
     for (ptrdiff_t i = 0; i < n; i++)                                                       \
         y[i] = ((x[i] - hi) - lo) * sc + sh;                                                \
 }                                                                                           \
                                                                                             \
 /* acc + [sum dy, sum dy * (x - c), sum (x - c)] over n values. */                          \
-static inline fastbn_gradsums fastbn_run_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,       \
+FASTBN_KERNEL fastbn_gradsums fastbn_run_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,       \
         const T *FASTBN_RESTRICT x, ptrdiff_t n, double center, fastbn_gradsums acc) {      \
     double g[FASTBN_LANES] = {0}, p[FASTBN_LANES] = {0}, q[FASTBN_LANES] = {0};             \
     ptrdiff_t i = 0, n8 = n - n % FASTBN_LANES;                                             \
-    for (; i < n8; i += FASTBN_LANES) {                                                     \
-        for (int j = 0; j < FASTBN_LANES; j++) {                                            \
-            double d = (double)dy[i + j], e = (double)x[i + j] - center;                    \
-            g[j] += d;                                                                      \
-            p[j] += d * e;                                                                  \
-            q[j] += e;                                                                      \
-        }                                                                                   \
-    }                                                                                       \
+    FASTBN_GRAD_SUMS_LANES_##SUF                                                            \
     for (; i < n; i++) {                                                                    \
         double d = (double)dy[i], e = (double)x[i] - center;                                \
         g[0] += d;                                                                          \
@@ -95,7 +192,7 @@ static inline fastbn_gradsums fastbn_run_grad_sums_##SUF(const T *FASTBN_RESTRIC
 }                                                                                           \
                                                                                             \
 /* gx = (dy - mdy - ((x - hi) - lo) * a) * k, per-run scalar coefficients. */               \
-static inline void fastbn_run_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                 \
+FASTBN_KERNEL void fastbn_run_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                 \
         const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n, T hi, T lo, T k,    \
         T mdy, T a) {                                                                       \
     for (ptrdiff_t i = 0; i < n; i++)                                                       \
@@ -103,7 +200,7 @@ static inline void fastbn_run_grad_input_##SUF(const T *FASTBN_RESTRICT dy,     
 }                                                                                           \
                                                                                             \
 /* Column sums of (x - first row) and its square over rows [r0, r1) of width w. */          \
-static inline void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrdiff_t w,    \
+FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrdiff_t w,    \
         ptrdiff_t r0, ptrdiff_t r1, double *FASTBN_RESTRICT su, double *FASTBN_RESTRICT sq, \
         double *FASTBN_RESTRICT first) {                                                    \
     const T *row0 = base + r0 * w;                                                          \
@@ -138,7 +235,7 @@ static inline void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrd
 }                                                                                           \
                                                                                             \
 /* y = ((x - hi) - lo) * sc + sh over n values with per-column coefficients. */             \
-static inline void fastbn_rows_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
+FASTBN_KERNEL void fastbn_rows_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
         ptrdiff_t n, const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT lo,              \
         const T *FASTBN_RESTRICT sc, const T *FASTBN_RESTRICT sh) {                         \
     for (ptrdiff_t j = 0; j < n; j++)                                                       \
@@ -146,7 +243,7 @@ static inline void fastbn_rows_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTB
 }                                                                                           \
                                                                                             \
 /* Column sums [dy | dy * (x - c) | (x - c)] over rows [r0, r1) of width w into out[3w]. */ \
-static inline void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,                 \
+FASTBN_KERNEL void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,                 \
         const T *FASTBN_RESTRICT x, ptrdiff_t w, ptrdiff_t r0, ptrdiff_t r1,                \
         const double *FASTBN_RESTRICT center, double *FASTBN_RESTRICT out) {                \
     double *FASTBN_RESTRICT g = out;                                                        \
@@ -179,7 +276,7 @@ static inline void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,     
 }                                                                                           \
                                                                                             \
 /* gx = (dy - mdy - ((x - hi) - lo) * a) * k over n values, per-column coefficients. */     \
-static inline void fastbn_rows_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                \
+FASTBN_KERNEL void fastbn_rows_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                \
         const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n,                     \
         const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT lo, const T *FASTBN_RESTRICT k,\
         const T *FASTBN_RESTRICT mdy, const T *FASTBN_RESTRICT a) {                         \
