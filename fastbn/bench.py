@@ -236,11 +236,14 @@ def run(quick=False, threads=None, dtypes=("float32",), layouts=None, modes=MODE
         set_num_threads(threads)
     threads = get_num_threads()
     torch = None
+    torch_text = "not used (--no-torch)"
     if use_torch:
+        torch_text = "not installed"
         try:
             import torch
 
             torch.set_num_threads(threads)
+            torch_text = torch.__version__
         except ImportError:
             torch = None
     cases = [c for c in CASES if c.quick == quick]
@@ -248,8 +251,8 @@ def run(quick=False, threads=None, dtypes=("float32",), layouts=None, modes=MODE
         cases = [c for c in cases if c.layout in layouts]
     bandwidth = stream_bandwidth(threads, nbytes=(64 << 20) if quick else (256 << 20))
     print(f"fastbn bench: {threads} thread(s), OpenMP {'on' if _cpu.HAVE_OPENMP else 'off'}, "
-          f"stream bandwidth {bandwidth:.1f} GB/s (copy, read+write), torch "
-          f"{torch.__version__ if torch else 'not installed'}", file=out)
+          f"stream bandwidth {bandwidth:.1f} GB/s (copy, read+write), torch {torch_text}",
+          file=out)
     print(HEADER, file=out)
     rows = []
     total = len(cases) * len(dtypes) * len(modes)

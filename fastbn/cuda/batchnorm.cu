@@ -50,6 +50,11 @@ constexpr int MIN_BLOCKS_2 = 3;
 
 __device__ __forceinline__ long long lmin(long long a, long long b) { return a < b ? a : b; }
 
+// Full-warp shuffle: every caller has all 32 lanes active.
+__device__ __forceinline__ double shfl_down(double v, int off) {
+    return __shfl_down_sync(0xffffffffu, v, off);
+}
+
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
     T v[VEC];
@@ -83,7 +88,7 @@ __device__ __forceinline__ void block_sum(double (&v)[Q]) {
 #pragma unroll
     for (int q = 0; q < Q; ++q) {
 #pragma unroll
-        for (int off = WARP / 2; off > 0; off /= 2) v[q] += __shfl_down_sync(0xffffffffu, v[q], off);
+        for (int off = WARP / 2; off > 0; off /= 2) v[q] += shfl_down(v[q], off);
     }
     if (lane == 0) {
 #pragma unroll
@@ -95,8 +100,7 @@ __device__ __forceinline__ void block_sum(double (&v)[Q]) {
         for (int q = 0; q < Q; ++q) {
             v[q] = lane < THREADS / WARP ? warp_sums[q][lane] : 0.0;
 #pragma unroll
-            for (int off = THREADS / WARP / 2; off > 0; off /= 2)
-                v[q] += __shfl_down_sync(0xffffffffu, v[q], off);
+            for (int off = THREADS / WARP / 2; off > 0; off /= 2) v[q] += shfl_down(v[q], off);
         }
     }
 }
@@ -336,9 +340,7 @@ finalize_stats(const double* __restrict__ part, long long C, long long B, double
         chan_merge(n, m, m2, part[2 * cb + i], part[i], part[cb + i]);
     }
     for (int off = WARP / 2; off > 0; off /= 2) {
-        const double nb = __shfl_down_sync(0xffffffffu, n, off);
-        const double mb = __shfl_down_sync(0xffffffffu, m, off);
-        const double m2b = __shfl_down_sync(0xffffffffu, m2, off);
+        const double nb = shfl_down(n, off), mb = shfl_down(m, off), m2b = shfl_down(m2, off);
         if (lane + off < WARP) chan_merge(n, m, m2, nb, mb, m2b);
     }
     if (lane != 0) return;
@@ -587,7 +589,7 @@ finalize_grad(const double* __restrict__ part, long long C, long long B, double 
 #pragma unroll
     for (int q = 0; q < 3; ++q) {
 #pragma unroll
-        for (int off = WARP / 2; off > 0; off /= 2) s[q] += __shfl_down_sync(0xffffffffu, s[q], off);
+        for (int off = WARP / 2; off > 0; off /= 2) s[q] += shfl_down(s[q], off);
     }
     if (lane != 0) return;
     double sum_dy = s[0], sum_dyx = s[1];

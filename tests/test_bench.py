@@ -1,0 +1,47 @@
+"""The benchmark command runs, checks its results and writes JSON (tiny shapes only)."""
+import io
+import json
+
+import numpy as np
+
+from fastbn import bench
+from fastbn.__main__ import main
+
+
+def test_bench_rows_and_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "CASES", [
+        bench.Case("tiny NCHW", (4, 3, 8, 8), "nchw", quick=True),
+        bench.Case("tiny NHWC", (4, 3, 8, 8), "channels_last", quick=True),
+        bench.Case("tiny NC", (64, 5), "nc", quick=True),
+    ])
+    path = tmp_path / "out.json"
+    out = io.StringIO()
+    rows = bench.run(quick=True, dtypes=("float32", "float64"), json_path=str(path),
+                     out=out, progress=io.StringIO())
+    assert len(rows) == 3 * 2 * 3
+    assert all(r.ok for r in rows), [bench.format_row(r) for r in rows if not r.ok]
+    assert all(r.fastbn_ms > 0 and r.gbps > 0 and r.vs_numpy > 0 for r in rows)
+    data = json.loads(path.read_text())
+    assert data["threads"] >= 1 and data["bandwidth_gbps"] > 0
+    assert len(data["rows"]) == len(rows)
+    text = out.getvalue()
+    assert "stream bandwidth" in text and "tiny NHWC" in text
+
+
+def test_reference_check_catches_a_wrong_kernel(monkeypatch):
+    """A row whose result is wrong is flagged, so the bench cannot hide a broken kernel."""
+    case = bench.Case("tiny", (4, 3, 8), "nchw")
+    real = bench.batch_norm_forward
+
+    def broken(*args):
+        y, m, s = real(*args)
+        return y + np.float32(1e-2), m, s
+
+    monkeypatch.setattr(bench, "batch_norm_forward", broken)
+    row = bench.run_case(case, "eval", np.dtype(np.float32), 1, 10.0, None, budget_s=0.01)
+    assert not row.ok
+
+
+def test_cli_config(capsys):
+    assert main(["config"]) == 0
+    assert "openmp" in capsys.readouterr().out
