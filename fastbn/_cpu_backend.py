@@ -18,13 +18,15 @@ _AFFINE = {"outer": _cpu.affine_outer, "inner": _cpu.affine_inner}
 _BACKWARD = {"outer": _cpu.backward_outer, "inner": _cpu.backward_inner}
 
 
-def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
+def forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out=None):
     """Normalize with batch statistics; update running stats when given.
 
     Returns ``(y, save_mean, save_invstd)`` with the statistics in ``x.dtype``.
+    ``y`` is ``out`` when ``out``'s memory layout suits the kernel (see
+    ``Plan.output``); ``out`` must not overlap the inputs.
     """
     p = _plan(np, x)
-    y, y_view = p.empty_output(np, x.dtype)
+    y, y_view = p.output(np, x.dtype, out)
     save_mean = np.empty(p.shape[1], x.dtype)
     save_invstd = np.empty(p.shape[1], x.dtype)
     _TRAIN[p.kind](p.view, y_view, weight, bias, running_mean, running_var, save_mean,
@@ -32,7 +34,7 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     return y, save_mean, save_invstd
 
 
-def forward_eval(x, weight, bias, running_mean, running_var, eps):
+def forward_eval(x, weight, bias, running_mean, running_var, eps, out=None):
     """Normalize with the running statistics: one read and one write of ``x``.
 
     The coefficients of ``((x - running_mean) * invstd) * weight + bias`` are
@@ -40,7 +42,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps):
     keeps full precision when ``|running_mean|`` dwarfs the spread of ``x``.
     """
     p = _plan(np, x)
-    y, y_view = p.empty_output(np, x.dtype)
+    y, y_view = p.output(np, x.dtype, out)
     scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
     if weight is not None:
         scale *= weight
@@ -51,7 +53,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps):
     return y
 
 
-def backward(gy, x, weight, mean, invstd, training):
+def backward(gy, x, weight, mean, invstd, training, out=None):
     """Gradients of batch norm: ``(grad_input, grad_weight, grad_bias)``.
 
     ``mean`` / ``invstd`` are the saved batch statistics (training) or the
@@ -63,7 +65,7 @@ def backward(gy, x, weight, mean, invstd, training):
     p = _plan(np, x)
     dtype = x.dtype
     n_chan = p.shape[1]
-    gx, gx_view = p.empty_output(np, dtype)
+    gx, gx_view = p.output(np, dtype, out)
     gw = gb = None
     if weight is not None:
         gw = np.empty(n_chan, dtype)

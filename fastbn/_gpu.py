@@ -207,7 +207,7 @@ def _staged(a):
 
 
 # -- backend interface ---------------------------------------------------------------
-def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
+def forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out=None):
     """Normalize with batch statistics; update running stats when given.
 
     Returns ``(y, save_mean, save_invstd)`` with the statistics in ``x.dtype``.
@@ -227,12 +227,12 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
         for staged, target in ((rm, running_mean), (rv, running_var)):
             if staged is not target:
                 target[...] = staged
-        y, y_view = p.empty_output(cupy, dtype)
+        y, y_view = p.output(cupy, dtype, out)
         _elementwise("normalize", p, (p.view,), y_view, coef)
     return y, save_mean, save_invstd
 
 
-def forward_eval(x, weight, bias, running_mean, running_var, eps):
+def forward_eval(x, weight, bias, running_mean, running_var, eps, out=None):
     """Normalize with the running statistics."""
     with x.device:
         p = _plan(cupy, x)
@@ -242,12 +242,12 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps):
         _function(kernel_name("affine_coefs", dtype))(
             grid, block, (_i64(c), _contig(running_mean), _contig(running_var), None,
                           np.float64(eps), _contig(weight), _contig(bias), coef))
-        y, y_view = p.empty_output(cupy, dtype)
+        y, y_view = p.output(cupy, dtype, out)
         _elementwise("normalize", p, (p.view,), y_view, coef)
     return y
 
 
-def backward(gy, x, weight, mean, invstd, training):
+def backward(gy, x, weight, mean, invstd, training, out=None):
     """Gradients of batch norm: ``(grad_input, grad_weight, grad_bias)``.
 
     ``mean`` / ``invstd`` are the saved batch statistics (training) or the
@@ -260,7 +260,7 @@ def backward(gy, x, weight, mean, invstd, training):
         p = _plan(cupy, x)
         dtype, c = x.dtype, p.shape[1]
         dy = p.conform(cupy, gy)
-        gx, gx_view = p.empty_output(cupy, dtype)
+        gx, gx_view = p.output(cupy, dtype, out)
         if invstd.dtype == dtype:
             invstd_t, invstd_d = _contig(invstd), None
         else:

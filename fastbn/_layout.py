@@ -31,6 +31,21 @@ class Plan:
         out = xp.empty(self.shape, dtype=dtype)
         return out, self.view_of(out)
 
+    def output(self, xp, dtype, out=None):
+        """Like :meth:`empty_output`, but use ``out`` when its memory already suits the kernel.
+
+        Returns ``(array, kernel_view)``; ``array is out`` tells the caller that the
+        kernel writes straight into ``out``.
+        """
+        if out is not None and self._suits(out):
+            return out, self.view_of(out)
+        return self.empty_output(xp, dtype)
+
+    def _suits(self, a):
+        if self.kind == "outer" or len(self.shape) == 2 or prod(self.shape[2:]) <= 1:
+            return a.flags.c_contiguous
+        return _channels_last(a)
+
     def view_of(self, a):
         """View ``a`` (same shape as the input, same layout kind) as the kernel sees it."""
         n_chan, spatial = self.shape[1], prod(self.shape[2:])

@@ -192,3 +192,15 @@ def check_same_shape(a, name, ref, ref_name):
     if a.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {a.dtype} but {ref_name} has dtype {ref.dtype}; "
                         f"they must match")
+
+
+def check_out(out, x, name="out"):
+    """``out`` must be a writable array like ``x``: same kind, device, shape and dtype."""
+    if out is None:
+        return None
+    check_same_device(x, {name: out})
+    if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
+        raise ValueError(f"{name} must have the input's shape {tuple(x.shape)} and dtype "
+                         f"{x.dtype}, got shape {tuple(out.shape)} and dtype {out.dtype}")
+    check_writable(out, name)
+    return out

@@ -30,7 +30,27 @@ def _check_common(x, weight, bias, running_mean, running_var, training, eps):
     return training, eps
 
 
-def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
+def _direct_out(xp, out, *inputs):
+    """``out`` when the kernel may write into it directly, else None.
+
+    Overlap with an input would let the kernel read values it already wrote (and
+    breaks the kernels' no-aliasing assumption), so such calls go through a
+    temporary that is copied into ``out`` at the end.
+    """
+    if out is None or any(a is not None and xp.may_share_memory(out, a) for a in inputs):
+        return None
+    return out
+
+
+def _deliver(result, out):
+    if out is None or result is out:
+        return result
+    out[...] = result
+    return out
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                       *, out=None):
     """Forward batch normalization that also returns the saved statistics.
 
     Parameters
@@ -49,6 +69,10 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
         Weight of the new batch in the running-statistics update.
     eps : float
         Added to the variance; must be > 0 in training.
+    out : array, optional
+        Where to write ``y`` (same shape and dtype as ``x``, any layout; it may be
+        ``x`` itself). With C-contiguous memory, or channels-last memory for a
+        channels-last ``x``, the kernel writes into it directly: no allocation.
 
     Returns
     -------
@@ -61,6 +85,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
     """
     training, eps = _check_common(x, weight, bias, running_mean, running_var, training, eps)
     momentum = v.check_momentum(momentum, allow_none=False)
+    v.check_out(out, x)
     if training:
         v.check_batch_size(x)
         for name, a in (("running_mean", running_mean), ("running_var", running_var)):
@@ -69,15 +94,18 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
     xp = backend.xp
     if x.size == 0:
         empty = xp.empty((0,), x.dtype)
-        return xp.empty(x.shape, x.dtype), empty, empty.copy()
+        return _deliver(xp.empty(x.shape, x.dtype), out), empty, empty.copy()
+    direct = _direct_out(xp, out, x, weight, bias, running_mean, running_var)
     if training:
-        return backend.forward_train(x, weight, bias, running_mean, running_var, momentum, eps)
-    y = backend.forward_eval(x, weight, bias, running_mean, running_var, eps)
-    return y, xp.empty((0,), x.dtype), xp.empty((0,), x.dtype)
+        y, save_mean, save_invstd = backend.forward_train(
+            x, weight, bias, running_mean, running_var, momentum, eps, out=direct)
+        return _deliver(y, out), save_mean, save_invstd
+    y = backend.forward_eval(x, weight, bias, running_mean, running_var, eps, out=direct)
+    return _deliver(y, out), xp.empty((0,), x.dtype), xp.empty((0,), x.dtype)
 
 
 def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, save_invstd,
-                        training, eps):
+                        training, eps, *, out=None):
     """Gradients of :func:`batch_norm_forward`.
 
     Parameters
@@ -94,6 +122,9 @@ def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, sav
         Whether the forward call used batch statistics.
     eps : float
         The forward call's ``eps``.
+    out : array, optional
+        Where to write ``grad_input`` (as ``out`` of :func:`batch_norm_forward`;
+        it may be ``gy`` itself).
 
     Returns
     -------
@@ -107,6 +138,7 @@ def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, sav
     v.check_same_device(x, {"grad_output": gy, "save_mean": save_mean,
                             "save_invstd": save_invstd})
     v.check_same_shape(gy, "grad_output", x, "input")
+    v.check_out(out, x)
     backend = backend_for(x)
     xp = backend.xp
     n_chan = x.shape[1]
@@ -119,22 +151,25 @@ def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, sav
                 v.check_channel_array(a, name, n_chan, x.dtype)
     if empty:
         zeros = None if weight is None else xp.zeros(n_chan, x.dtype)
-        return xp.empty(x.shape, x.dtype), zeros, (None if zeros is None else zeros.copy())
+        gx = _deliver(xp.empty(x.shape, x.dtype), out)
+        return gx, zeros, (None if zeros is None else zeros.copy())
     if training:
         mean, invstd = save_mean, save_invstd
     else:
         mean = running_mean
         invstd = invstd_from_var(xp, running_var.astype(xp.float64), eps)
-    return backend.backward(gy, x, weight, mean, invstd, training)
+    direct = _direct_out(xp, out, gy, x, weight, mean, invstd)
+    gx, gw, gb = backend.backward(gy, x, weight, mean, invstd, training, out=direct)
+    return _deliver(gx, out), gw, gb
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+               momentum=0.1, eps=1e-5, *, out=None):
     """Batch normalization with the signature of ``torch.nn.functional.batch_norm``.
 
     Returns only the output; running statistics are updated in place when
-    ``training`` is True and they are given.
+    ``training`` is True and they are given. ``out`` as in :func:`batch_norm_forward`.
     """
     y, _, _ = batch_norm_forward(x, weight, bias, running_mean, running_var, training,
-                                 momentum, eps)
+                                 momentum, eps, out=out)
     return y

@@ -203,3 +203,57 @@ def test_read_only_input_is_accepted():
     x.flags.writeable = False
     y = fastbn.batch_norm(x, None, None, training=True)
     assert y.flags.writeable
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("out_layout", ["contiguous", "channels_last", "transposed"])
+def test_out_argument(layout, out_layout):
+    shape = (4, 3, 5, 6)
+    x = make(shape, np.float32, offset=2.0, seed=61, layout=layout)
+    gy = make(shape, np.float32, seed=62, layout=layout)
+    w, b, _, _ = _params(3, np.float32)
+    y, sm, si = fastbn.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)
+    gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, None, None, sm, si, True, 1e-5)
+    out = make(shape, np.float32, seed=63, layout=out_layout)
+    got = fastbn.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5, out=out)[0]
+    assert got is out
+    np.testing.assert_array_equal(out, y)
+    out2 = make(shape, np.float32, seed=64, layout=out_layout)
+    got, gw2, gb2 = fastbn.batch_norm_backward(gy, x, w, None, None, sm, si, True, 1e-5,
+                                               out=out2)
+    assert got is out2
+    np.testing.assert_array_equal(out2, gx)
+    np.testing.assert_array_equal(gw2, gw)
+    out3 = np.empty(shape, np.float32)
+    assert fastbn.batch_norm(x, sm, si, out=out3) is out3
+
+
+def test_out_may_alias_the_input():
+    x = make((6, 4, 7), np.float64, offset=1.0, seed=65)
+    gy = make((6, 4, 7), np.float64, seed=66)
+    y, sm, si = fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
+    gx, _, _ = fastbn.batch_norm_backward(gy, x, None, None, None, sm, si, True, 1e-5)
+    x2, gy2 = x.copy(), gy.copy()
+    fastbn.batch_norm_forward(x2, None, None, None, None, True, 0.1, 1e-5, out=x2)
+    np.testing.assert_array_equal(x2, y)
+    fastbn.batch_norm_backward(gy2, x, None, None, None, sm, si, True, 1e-5, out=gy2)
+    np.testing.assert_array_equal(gy2, gx)
+
+
+def test_bad_out_changes_nothing():
+    x = make((6, 4, 7), np.float32, seed=67)
+    rm = np.zeros(4, np.float32)
+    rv = np.ones(4, np.float32)
+    for out, exc, pattern in [
+        (np.empty((6, 4, 8), np.float32), ValueError, r"out must have the input's shape"),
+        (np.empty((6, 4, 7), np.float64), ValueError, r"dtype float32, got .* float64"),
+        ([0.0], TypeError, "out must be a numpy.ndarray"),
+    ]:
+        with pytest.raises(exc, match=pattern):
+            fastbn.batch_norm(x, rm, rv, training=True, out=out)
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        fastbn.batch_norm(x, rm, rv, training=True, out=ro)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
