@@ -33,8 +33,8 @@ def test_reference_check_catches_a_wrong_kernel(monkeypatch):
     case = bench.Case("tiny", (4, 3, 8), "nchw")
     real = bench.batch_norm_forward
 
-    def broken(*args):
-        y, m, s = real(*args)
+    def broken(*args, **kwargs):
+        y, m, s = real(*args, **kwargs)
         return y + np.float32(1e-2), m, s
 
     monkeypatch.setattr(bench, "batch_norm_forward", broken)
