@@ -9,9 +9,11 @@ from ._config import show_config
 from ._threads import get_num_threads, set_num_threads
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm, allreduce_gradients
 
 __all__ = [
-    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+    "allreduce_gradients",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
     "set_num_threads", "get_num_threads", "show_config", "__version__",
 ]
