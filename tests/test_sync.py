@@ -358,14 +358,15 @@ def _mpiexec():
     return shutil.which("mpiexec")
 
 
-def _launch_command(mpiexec, n):
+def _launch_command(mpiexec, n, script=None, *args):
     version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
     extra = []
     if "Open MPI" in version or "OpenRTE" in version:
         extra = ["--oversubscribe"]   # more ranks than cores (CI has 2)
-    return [mpiexec, *extra, "-n", str(n), sys.executable, "-m", "mpi4py",
-            os.path.join(HERE, "sync_worker.py"), str(n)]
+    if script is None:
+        script, args = os.path.join(HERE, "sync_worker.py"), (str(n),)
+    return [mpiexec, *extra, "-n", str(n), sys.executable, "-m", "mpi4py", script, *args]
 
 
 def _launch_env():
@@ -380,15 +381,15 @@ def _launch_env():
     return env
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_mpi_world(n):
+def _run_mpi(n, script=None, *args):
+    """Run ``script`` (default: the sync worker) on ``n`` ranks; return its output."""
     pytest.importorskip("mpi4py")
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("mpiexec not found; pip install -e '.[mpi]'")
-    proc = subprocess.Popen(_launch_command(mpiexec, n), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_launch_env(), cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(_launch_command(mpiexec, n, script, *args),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_launch_env(), cwd=ROOT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -397,4 +398,23 @@ def test_mpi_world(n):
         out, _ = proc.communicate()
         pytest.fail(f"mpiexec -n {n} did not finish within 120 s (a rank hung):\n{out}")
     assert proc.returncode == 0, out
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_mpi_world(n):
+    out = _run_mpi(n)
     assert "SYNC-WORKER PASSED" in out and f"on {n} ranks, 0 failures" in out, out
+
+
+def test_readme_example_on_two_ranks(tmp_path):
+    """The README's "Training on several processes" example runs as printed."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split("## Training on several processes", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "train_sync.py"
+    script.write_text(code)
+    out = _run_mpi(2, str(script))
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: in step with the single-process run" in out, out
