@@ -5,6 +5,8 @@ import numpy as np
 def is_cupy_array(x):
     """True when ``x`` is a ``cupy.ndarray`` (checked by type name, no import)."""
     cls = type(x)
+    if cls is np.ndarray:
+        return False
     return cls.__module__.split(".", 1)[0] == "cupy" and cls.__name__ == "ndarray"
 
 

@@ -187,6 +187,16 @@ cdef inline void _finish_train(Py_ssize_t c, Moments mo, double count,
                &hi[c], &lo[c], &sc[c], &sh[c])
 
 
+cdef void _eval_coefs(Py_ssize_t n_chan, const floating* w, const floating* b,
+                      const floating* rm, const floating* rv, double eps, floating* hi,
+                      floating* lo, floating* sc, floating* sh) noexcept nogil:
+    """Coefficients of eval mode: ``((x - running_mean) - 0) * invstd * w + b``."""
+    cdef Py_ssize_t c
+    for c in range(n_chan):
+        _set_coefs(rm[c], (1.0 / sqrt(<double> rv[c] + eps)) * (1.0 if w == NULL else w[c]),
+                   0.0 if b == NULL else b[c], &hi[c], &lo[c], &sc[c], &sh[c])
+
+
 cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
                                   double invstd, double count,
                                   bint training, const floating* w, floating* gw,
@@ -446,6 +456,28 @@ def affine_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
             c = q % n_chan
             _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c], lo[c],
                         scale[c], shift[c])
+
+
+def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
+                       const floating[::1] weight, const floating[::1] bias,
+                       const floating[::1] running_mean, const floating[::1] running_var,
+                       double eps, int num_threads):
+    """Eval-mode normalization of ``x`` (N, C, S) with the running statistics."""
+    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
+    cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
+    cdef const floating* w = _opt(weight)
+    cdef const floating* b = _opt(bias)
+    cdef floating* coef = <floating*> _alloc(4 * n_chan * sizeof(floating))
+    try:
+        with nogil:
+            _eval_coefs(n_chan, w, b, &running_mean[0], &running_var[0],
+                        eps, coef, coef + n_chan, coef + 2 * n_chan, coef + 3 * n_chan)
+            for q in prange(planes, schedule="static", num_threads=num_threads):
+                c = q % n_chan
+                _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, coef[c],
+                            coef[n_chan + c], coef[2 * n_chan + c], coef[3 * n_chan + c])
+    finally:
+        _free(coef)
 
 
 def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -739,6 +771,29 @@ cdef inline void _rows_affine(const floating* x, floating* y, Py_ssize_t n,
         rows_affine_f32(x, y, n, hi, lo, sc, sh)
     else:
         rows_affine_f64(x, y, n, hi, lo, sc, sh)
+
+
+def forward_eval_inner(const floating[:, ::1] x, floating[:, ::1] y,
+                       const floating[::1] weight, const floating[::1] bias,
+                       const floating[::1] running_mean, const floating[::1] running_var,
+                       double eps, int num_threads):
+    """Eval-mode normalization of ``x`` (M, C) with the running statistics."""
+    cdef Py_ssize_t n_chan = x.shape[1], c
+    cdef Blocks bl = _blocks(x.shape[0], n_chan)
+    cdef Py_ssize_t width = bl.width
+    cdef const floating* w = _opt(weight)
+    cdef const floating* b = _opt(bias)
+    cdef floating* coef = <floating*> _alloc(4 * width * sizeof(floating))
+    try:
+        with nogil:
+            _eval_coefs(n_chan, w, b, &running_mean[0], &running_var[0],
+                        eps, coef, coef + width, coef + 2 * width, coef + 3 * width)
+            for c in range(4):
+                _tile(coef + c * width, n_chan, width)
+            _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + width, coef + 2 * width,
+                          coef + 3 * width, num_threads)
+    finally:
+        _free(coef)
 
 
 def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,

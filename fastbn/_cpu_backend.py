@@ -14,6 +14,7 @@ from ._threads import threads_for
 xp = np
 
 _TRAIN = {"outer": _cpu.forward_train_outer, "inner": _cpu.forward_train_inner}
+_EVAL = {"outer": _cpu.forward_eval_outer, "inner": _cpu.forward_eval_inner}
 _AFFINE = {"outer": _cpu.affine_outer, "inner": _cpu.affine_inner}
 _BACKWARD = {"outer": _cpu.backward_outer, "inner": _cpu.backward_inner}
 
@@ -37,19 +38,15 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out
 def forward_eval(x, weight, bias, running_mean, running_var, eps, out=None):
     """Normalize with the running statistics: one read and one write of ``x``.
 
-    The coefficients of ``((x - running_mean) * invstd) * weight + bias`` are
-    computed in float64; ``x - running_mean`` is formed before scaling, which
-    keeps full precision when ``|running_mean|`` dwarfs the spread of ``x``.
+    The kernel computes ``((x - running_mean) - 0) * scale + bias`` with
+    ``scale = weight / sqrt(running_var + eps)`` formed in float64: subtracting
+    the mean before scaling keeps full precision when ``|running_mean|`` dwarfs
+    the spread of ``x``, for the price of one subtraction per value.
     """
     p = _plan(np, x)
     y, y_view = p.output(np, x.dtype, out)
-    scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-    if weight is not None:
-        scale *= weight
-    shift = np.zeros(p.shape[1], x.dtype) if bias is None else bias
-    zeros = np.zeros(p.shape[1], x.dtype)
-    _AFFINE[p.kind](p.view, y_view, running_mean, zeros, scale.astype(x.dtype), shift,
-                    threads_for(x.size))
+    _EVAL[p.kind](p.view, y_view, weight, bias, running_mean, running_var, eps,
+                  threads_for(x.size))
     return y
 
 

@@ -4,6 +4,7 @@ Every public entry point calls these before it touches any state, so a call that
 raises leaves parameters, running statistics and ``num_batches_tracked`` as they
 were.
 """
+import math
 import numbers
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 from ._array import device_kind, is_array, is_cupy_array
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INF = float("inf")
 
 
 def _type_name(x):
@@ -36,6 +38,8 @@ def check_num_features(n):
 
 
 def check_eps(eps, training):
+    if type(eps) is float and 0 < eps < _INF:     # the common case, checked cheaply
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {_type_name(eps)} {eps!r}")
     eps = float(eps)
@@ -48,6 +52,8 @@ def check_eps(eps, training):
 
 
 def check_momentum(momentum, allow_none):
+    if type(momentum) is float and -_INF < momentum < _INF:
+        return momentum
     if momentum is None and allow_none:
         return None
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
@@ -92,6 +98,8 @@ def parse_device(device):
 
 def check_input(x, name="input"):
     """A NumPy/CuPy array of float32 or float64."""
+    if type(x) is np.ndarray and x.dtype in SUPPORTED_DTYPES:
+        return x
     if not is_array(x):
         raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {_type_name(x)}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -120,7 +128,7 @@ def check_num_channels(x, num_features):
 
 def check_batch_size(x):
     """Training needs more than one value per channel (PyTorch's text)."""
-    count = x.shape[0] * int(np.prod(x.shape[2:], dtype=np.int64))
+    count = x.shape[0] * math.prod(x.shape[2:])
     if count == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
@@ -134,6 +142,9 @@ def _device_hint(want):
 
 def check_same_device(reference, arrays, reference_name="input"):
     """All of ``arrays`` (name -> array or None) live where ``reference`` does."""
+    if type(reference) is np.ndarray and all(a is None or type(a) is np.ndarray
+                                             for a in arrays.values()):
+        return   # the common all-NumPy case, without the per-array checks below
     want = device_kind(reference)
     for name, a in arrays.items():
         if a is None:
