@@ -320,19 +320,6 @@ cdef void _outer_moments(const floating[:, :, ::1] x, Moments* units, Moments* o
         out[c] = acc
 
 
-cdef inline Moments _channel_moments(const floating[:, :, ::1] x, Py_ssize_t c) noexcept nogil:
-    """The same tree as :func:`_outer_moments`, for one channel on one thread."""
-    cdef Py_ssize_t n_batch = x.shape[0], s = x.shape[2]
-    cdef Py_ssize_t groups = _n_groups(n_batch), g, n0, n1
-    cdef Moments acc = _unit_moments(x, c, 0, _group_start(1, n_batch, groups))
-    for g in range(1, groups):
-        n0 = _group_start(g, n_batch, groups)
-        n1 = _group_start(g + 1, n_batch, groups)
-        acc = _chan_merge(acc, <double> (n0 * s), _unit_moments(x, c, n0, n1),
-                          <double> ((n1 - n0) * s))
-    return acc
-
-
 cdef void _outer_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                            const double* center, GradSums* units, GradSums* out,
                            int num_threads) noexcept nogil:
@@ -353,29 +340,64 @@ cdef void _outer_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::
             out[c] = _add_sums(out[c], units[g * n_chan + c])
 
 
-cdef inline GradSums _channel_grad_sums(const floating[:, :, ::1] dy,
-                                        const floating[:, :, ::1] x, Py_ssize_t c,
-                                        double center) noexcept nogil:
-    cdef Py_ssize_t n_batch = x.shape[0], groups = _n_groups(n_batch), g
-    cdef GradSums zero, acc
-    zero.dy = 0
-    zero.dyx = 0
-    zero.x = 0
-    acc = _unit_grad_sums(dy, x, c, 0, _group_start(1, n_batch, groups), center, zero)
-    for g in range(1, groups):
-        acc = _add_sums(acc, _unit_grad_sums(dy, x, c, _group_start(g, n_batch, groups),
-                                             _group_start(g + 1, n_batch, groups), center,
-                                             zero))
-    return acc
+# Channel blocks: a thread takes G consecutive channels and walks n outer, c inner,
+# so it reads runs of G planes that are contiguous in memory (the prefetchers
+# follow them), reduces them, then makes its second pass while the block is
+# still in cache. The per-channel merges follow the same tree as
+# _outer_moments / _outer_grad_sums.
+
+cdef void _block_moments(const floating[:, :, ::1] x, Py_ssize_t c0, Py_ssize_t c1,
+                         Moments* unit, Moments* chan) noexcept nogil:
+    """Moments of channels [c0, c1) into chan[c0:c1]; unit[c0:c1] is scratch."""
+    cdef Py_ssize_t n_batch = x.shape[0], s = x.shape[2]
+    cdef Py_ssize_t groups = _n_groups(n_batch), g, n, n0, n1, c
+    cdef Moments m
+    for g in range(groups):
+        n0 = _group_start(g, n_batch, groups)
+        n1 = _group_start(g + 1, n_batch, groups)
+        for n in range(n0, n1):
+            for c in range(c0, c1):
+                m = _run_moments(&x[n, c, 0], s)
+                unit[c] = m if n == n0 else _chan_merge(unit[c], <double> ((n - n0) * s), m,
+                                                        <double> s)
+        for c in range(c0, c1):
+            chan[c] = unit[c] if g == 0 else _chan_merge(chan[c], <double> (n0 * s), unit[c],
+                                                         <double> ((n1 - n0) * s))
 
 
-cdef int _schedule = 0     # 0: automatic, 1: always per channel, 2: always per plane
+cdef void _block_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                           const double* center, Py_ssize_t c0, Py_ssize_t c1,
+                           GradSums* unit, GradSums* chan) noexcept nogil:
+    """GradSums of channels [c0, c1) into chan[c0:c1]; unit[c0:c1] is scratch."""
+    cdef Py_ssize_t n_batch = x.shape[0], s = x.shape[2]
+    cdef Py_ssize_t groups = _n_groups(n_batch), g, n, n0, n1, c
+    for g in range(groups):
+        n0 = _group_start(g, n_batch, groups)
+        n1 = _group_start(g + 1, n_batch, groups)
+        for c in range(c0, c1):
+            unit[c].dy = 0
+            unit[c].dyx = 0
+            unit[c].x = 0
+        for n in range(n0, n1):
+            for c in range(c0, c1):
+                unit[c] = _run_grad_sums(&dy[n, c, 0], &x[n, c, 0], s, center[c], unit[c])
+        for c in range(c0, c1):
+            chan[c] = unit[c] if g == 0 else _add_sums(chan[c], unit[c])
+
+
+# Bytes of one channel block kept for the second pass: about the L2 of a core.
+cdef Py_ssize_t BLOCK_BYTES = 768 * 1024
+# Beyond this per-channel footprint the second pass would miss the L3 anyway.
+cdef Py_ssize_t MAX_CHANNEL_BYTES = 8 * 1024 * 1024
+
+
+cdef int _schedule = 0     # 0: automatic, 1: channel blocks, 2: planes
 
 
 def set_schedule(int mode):
     """Force the channel-outer schedule (for tests and tuning; results never change).
 
-    0 picks automatically, 1 forces whole channels per thread, 2 forces planes.
+    0 picks automatically, 1 forces channel blocks, 2 forces planes.
     """
     global _schedule
     if mode not in (0, 1, 2):
@@ -383,11 +405,21 @@ def set_schedule(int mode):
     _schedule = mode
 
 
-cdef inline bint _per_channel(Py_ssize_t n_chan, int num_threads) noexcept nogil:
-    """Whole channels per thread (cache-resident second pass) when that keeps all busy."""
-    if _schedule:
-        return _schedule == 1
-    return n_chan >= 2 * num_threads
+cdef Py_ssize_t _channel_block(Py_ssize_t n_chan, Py_ssize_t channel_bytes,
+                               int num_threads) noexcept nogil:
+    """Channels per block for the cache-resident schedule, or 0 for the plane schedule."""
+    cdef Py_ssize_t g
+    if _schedule == 2 or (channel_bytes > MAX_CHANNEL_BYTES and _schedule != 1):
+        return 0
+    g = BLOCK_BYTES // channel_bytes if channel_bytes > 0 else n_chan
+    if g < 1:
+        g = 1
+    # at least two blocks per thread, so that no thread waits for a straggler
+    if g * 2 * num_threads > n_chan:
+        g = n_chan // (2 * num_threads)
+    if g < 1:
+        return 1 if _schedule == 1 else 0
+    return g
 
 
 def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
@@ -414,23 +446,30 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef floating* sc
     cdef floating* sh
     cdef Moments* units = NULL
-    cdef bint per_channel = _per_channel(n_chan, num_threads)
+    cdef Py_ssize_t block = _channel_block(n_chan, n_batch * s * sizeof(floating),
+                                           num_threads)
+    cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, k, c1
     try:
         coef = <floating*> _alloc(4 * n_chan * sizeof(floating))
         hi = coef
         lo = coef + n_chan
         sc = coef + 2 * n_chan
         sh = coef + 3 * n_chan
-        if not per_channel:
-            units = <Moments*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(Moments))
+        units = <Moments*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(Moments))
         with nogil:
-            if per_channel:
-                # stats then normalize while the channel's planes are still in cache
-                for c in prange(n_chan, schedule="dynamic", num_threads=num_threads):
-                    _finish_train(c, _channel_moments(x, c), count, eps, momentum, w, b, rm,
-                                  rv, sm, si, hi, lo, sc, sh)
+            if block:
+                for k in prange(blocks, schedule="dynamic", num_threads=num_threads):
+                    c1 = (k + 1) * block
+                    if c1 > n_chan:
+                        c1 = n_chan
+                    _block_moments(x, k * block, c1, units + n_chan, units)
+                    for c in range(k * block, c1):
+                        _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si,
+                                      hi, lo, sc, sh)
                     for n in range(n_batch):
-                        _run_affine(&x[n, c, 0], &y[n, c, 0], s, hi[c], lo[c], sc[c], sh[c])
+                        for c in range(k * block, c1):
+                            _run_affine(&x[n, c, 0], &y[n, c, 0], s, hi[c], lo[c], sc[c],
+                                        sh[c])
             else:
                 _outer_moments(x, units + n_chan, units, num_threads)
                 for c in range(n_chan):
@@ -505,7 +544,9 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef floating* a
     cdef GradSums* units = NULL
     cdef GradSums zero
-    cdef bint per_channel = _per_channel(n_chan, num_threads)
+    cdef Py_ssize_t block = _channel_block(n_chan, 2 * n_batch * s * sizeof(floating),
+                                           num_threads)
+    cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, kb, c1
     zero.dy = 0
     zero.dyx = 0
     zero.x = 0
@@ -519,17 +560,23 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
         k = coef + 2 * n_chan
         mdy = coef + 3 * n_chan
         a = coef + 4 * n_chan
-        if not per_channel:
-            units = <GradSums*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(GradSums))
+        units = <GradSums*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(GradSums))
         with nogil:
-            if per_channel:
-                for c in prange(n_chan, schedule="dynamic", num_threads=num_threads):
-                    _finish_backward(c, _channel_grad_sums(dy, x, c, ctr[c]) if need_sums
-                                     else zero, ctr[c], invstd[c], count, training, w, gw,
-                                     gb, hi, lo, k, mdy, a)
+            if block:
+                for kb in prange(blocks, schedule="dynamic", num_threads=num_threads):
+                    c1 = (kb + 1) * block
+                    if c1 > n_chan:
+                        c1 = n_chan
+                    if need_sums:
+                        _block_grad_sums(dy, x, ctr, kb * block, c1, units + n_chan, units)
+                    for c in range(kb * block, c1):
+                        _finish_backward(c, units[c] if need_sums else zero, ctr[c],
+                                         invstd[c], count, training, w, gw, gb, hi, lo, k,
+                                         mdy, a)
                     for n in range(n_batch):
-                        _run_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s, hi[c],
-                                        lo[c], k[c], mdy[c], a[c])
+                        for c in range(kb * block, c1):
+                            _run_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s,
+                                            hi[c], lo[c], k[c], mdy[c], a[c])
             else:
                 if need_sums:
                     _outer_grad_sums(dy, x, ctr, units + n_chan, units, num_threads)
