@@ -6,9 +6,11 @@ The functions have the signatures and semantics of ``fastbn._cpu_backend``.
 
 Launches per call: forward-train 3 (partial moments, per-channel finalize,
 normalize), forward-eval 2 (coefficients, normalize), backward 3 (partial sums,
-finalize, grad-input; 2 in eval without weight). Reductions split every
-channel over several blocks and merge the partials in a fixed order; the split
-depends only on the shape, so results are bit-identical from run to run.
+finalize, grad-input; 2 in eval without weight); the step-by-step functions
+for SyncBatchNorm at the end take 2 each (none for an empty input). Reductions
+split every channel over several blocks and merge the partials in a fixed
+order; the split depends only on the shape, so results are bit-identical from
+run to run.
 """
 import functools
 import importlib.resources
@@ -36,18 +38,27 @@ BLOCKS_PER_SM = 8        # elementwise grids: one full wave of 256-thread blocks
 
 _REDUCTIONS = ("stats_outer", "stats_inner", "grad_sums_outer", "grad_sums_inner")
 _ELEMENTWISE = ("normalize_outer", "normalize_inner", "grad_input_outer", "grad_input_inner")
-_PER_CHANNEL = ("finalize_stats", "finalize_grad", "affine_coefs")
+_PER_CHANNEL = ("finalize_stats", "finalize_grad", "affine_coefs", "coefs_from_stats")
+_UNTYPED = ("finalize_partials",)        # per channel, double in and out: no template
 _CTYPES = {np.dtype(np.float32): ("float", 4), np.dtype(np.float64): ("double", 2)}
 
 
-def kernel_name(kernel, dtype, vec=None, aligned=None):
-    """The name expression of one template instantiation, e.g. ``fastbn::x<float, 4, true>``."""
+def kernel_name(kernel, dtype=None, vec=None, aligned=None, center=None):
+    """The name expression of one template instantiation, e.g. ``fastbn::x<float, 4, true>``.
+
+    ``dtype=None`` names a kernel that is not a template. ``center`` (grad_sums_*
+    only) is the dtype of the center when it differs from ``dtype``.
+    """
+    if dtype is None:
+        return f"fastbn::{kernel}"
     ctype = _CTYPES[np.dtype(dtype)][0]
     args = [ctype]
     if vec is not None:
         args.append(str(vec))
     if aligned is not None:
         args.append("true" if aligned else "false")
+    if center is not None and np.dtype(center) != np.dtype(dtype):
+        args.append(_CTYPES[np.dtype(center)][0])
     return f"fastbn::{kernel}<{', '.join(args)}>"
 
 
@@ -56,11 +67,17 @@ def _name_expressions():
     for dtype, (_, vmax) in _CTYPES.items():
         for k in _REDUCTIONS:
             # VEC is fixed by the shape; ALIGNED only picks the load instruction.
-            names += [kernel_name(k, dtype, 1, True), kernel_name(k, dtype, vmax, True),
-                      kernel_name(k, dtype, vmax, False)]
+            centers = (None, np.float64) if k.startswith("grad_sums") else (None,)
+            for center in centers:
+                if center is not None and np.dtype(center) == dtype:
+                    continue                    # the double center of a double input
+                names += [kernel_name(k, dtype, 1, True, center),
+                          kernel_name(k, dtype, vmax, True, center),
+                          kernel_name(k, dtype, vmax, False, center)]
         for k in _ELEMENTWISE:
             names += [kernel_name(k, dtype, 1), kernel_name(k, dtype, vmax)]
         names += [kernel_name(k, dtype) for k in _PER_CHANNEL]
+    names += [kernel_name(k) for k in _UNTYPED]
     return tuple(names)
 
 
@@ -144,9 +161,10 @@ def inner_split(m, c_v):
     return gx, _cdiv(m, rows), rows
 
 
-def _reduce(kernel, p, arrays, extra):
+def _reduce(kernel, p, arrays, extra, center=None):
     """Launch a partial-reduction kernel over ``arrays`` (kernel views of the plan).
 
+    ``center``: dtype of grad_sums_*'s center when it is not the input's.
     Returns ``(partials, blocks_per_channel)``; partials is ``(3, C, B)`` flat.
     """
     dtype = arrays[0].dtype
@@ -164,7 +182,7 @@ def _reduce(kernel, p, arrays, extra):
         args = (_i64(m), _i64(c), _i64(rows))
     part = cupy.empty(3 * c * blocks, np.float64)
     aligned = vec == 1 or _aligned(*arrays)
-    fn = _function(kernel_name(f"{kernel}_{p.kind}", dtype, vec, aligned))
+    fn = _function(kernel_name(f"{kernel}_{p.kind}", dtype, vec, aligned, center))
     fn(grid, block, tuple(arrays) + tuple(extra) + (part,) + args)
     return part, blocks
 
@@ -290,3 +308,90 @@ def backward(gy, x, weight, mean, invstd, training, out=None):
         else:
             _elementwise("normalize", p, (dy,), gx_view, coef)
     return gx, gw, gb
+
+
+# -- building blocks for callers that combine statistics across processes -------------
+# (SyncBatchNorm): the signatures and semantics of fastbn._cpu_backend's; per-channel
+# values are float64 CuPy arrays. Two launches each: the reductions reuse the
+# partial-sum kernels of the fused calls and merge their partials in the same
+# fixed order (finalize_partials), the elementwise passes reuse normalize_* and
+# grad_input_* with coefficients from float64 statistics (coefs_from_stats).
+
+def _f64(a):
+    return None if a is None else cupy.ascontiguousarray(a, dtype=np.float64)
+
+
+def _finalize_partials(part, c, blocks, moments):
+    out = cupy.empty((3, c), np.float64)
+    grid, block = _per_channel_grid(c, THREADS // 32)
+    _function(kernel_name("finalize_partials"))(
+        grid, block, (part, _i64(c), _i64(blocks), _i64(1 if moments else 0), out))
+    return out
+
+
+def _coefs_from_stats(dtype, c, mean, invstd, weight, bias, sum_dy=None, sum_dyx=None,
+                      count=1.0):
+    coef = cupy.empty((4 if sum_dy is None else 5) * c, dtype)
+    grid, block = _per_channel_grid(c, THREADS)
+    _function(kernel_name("coefs_from_stats", dtype))(
+        grid, block, (_i64(c), _f64(mean), _f64(invstd), _contig(weight), _contig(bias),
+                      _f64(sum_dy), _f64(sum_dyx), np.float64(count), coef))
+    return coef
+
+
+def moments(x):
+    """Per-channel float64 ``(mean, m2, count)`` of ``x``; m2 = sum of squared deviations."""
+    with x.device:
+        p = _plan(cupy, x)
+        c = p.shape[1]
+        if not p.count:
+            return cupy.zeros(c, np.float64), cupy.zeros(c, np.float64), p.count
+        part, blocks = _reduce("stats", p, (p.view,), ())
+        out = _finalize_partials(part, c, blocks, moments=True)
+    return out[0], out[1], p.count
+
+
+def normalize(x, mean, invstd, weight, bias):
+    """``(x - mean) * invstd * weight + bias`` from float64 per-channel ``mean``/``invstd``."""
+    with x.device:
+        p = _plan(cupy, x)
+        y, y_view = p.empty_output(cupy, x.dtype)
+        if p.count:
+            coef = _coefs_from_stats(x.dtype, p.shape[1], mean, invstd, weight, bias)
+            _elementwise("normalize", p, (p.view,), y_view, coef)
+    return y
+
+
+def grad_sums(gy, x, center):
+    """float64 ``(sum dy, sum dy * (x - center), sum (x - center))`` per channel.
+
+    ``center`` (float64) is used as it is, not rounded to ``x.dtype``.
+    """
+    with x.device:
+        p = _plan(cupy, x)
+        c = p.shape[1]
+        if not p.count:
+            out = cupy.zeros((3, c), np.float64)
+        else:
+            dy = p.conform(cupy, gy)
+            part, blocks = _reduce("grad_sums", p, (dy, p.view), (_f64(center),),
+                                   center=np.float64)
+            out = _finalize_partials(part, c, blocks, moments=False)
+    return out[0], out[1], out[2]
+
+
+def grad_input(gy, x, weight, mean, invstd, sum_dy, sum_dyx, count):
+    """Training grad_input from float64 batch ``mean``/``invstd`` and the sums around ``mean``.
+
+    ``count`` and the sums may cover more values than ``x`` (all processes of a
+    synchronized batch norm).
+    """
+    with x.device:
+        p = _plan(cupy, x)
+        gx, gx_view = p.empty_output(cupy, x.dtype)
+        if p.count:
+            dy = p.conform(cupy, gy)
+            coef = _coefs_from_stats(x.dtype, p.shape[1], mean, invstd, weight, None,
+                                     sum_dy, sum_dyx, count)
+            _elementwise("grad_input", p, (dy, p.view), gx_view, coef)
+    return gx

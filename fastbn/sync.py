@@ -27,7 +27,11 @@ _STEPS = ("moments", "normalize", "grad_sums", "grad_input")
 
 
 def _steps_of(backend):
-    """The backend's step-by-step functions, or a clear error where it lacks them."""
+    """The backend's step-by-step functions, or a clear error where it lacks them.
+
+    Both shipped backends (``fastbn._cpu_backend``, ``fastbn._gpu``) have them;
+    the check guards a backend added later without them.
+    """
     missing = [name for name in _STEPS if not hasattr(backend, name)]
     if missing:
         raise NotImplementedError(
@@ -114,9 +118,11 @@ class SyncBatchNorm(BatchNorm):
     All ranks must call forward (and backward) together and in the same mode,
     as for any collective: a rank in eval mode makes no collective. In eval
     mode, or without a communicator, the module is exactly :class:`BatchNorm`.
-    CuPy inputs need the CUDA backend's step-by-step functions; until
-    ``fastbn._gpu`` has them, multi-process training on CuPy arrays raises
-    NotImplementedError on every rank.
+    NumPy and CuPy inputs go through the same steps, with the building blocks
+    of the input's backend (``moments``, ``normalize``, ``grad_sums``,
+    ``grad_input`` of ``fastbn._cpu_backend`` or ``fastbn._gpu``, two kernel
+    launches each on the GPU); the per-channel statistics stay float64 and the
+    O(C) vectors exchanged pass through the host as float64.
 
     Pickling drops the communicator (communicators cannot be pickled); assign
     ``module.comm`` after loading.

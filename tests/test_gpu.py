@@ -529,3 +529,262 @@ def test_mixing_numpy_and_cupy_is_a_type_error():
     with pytest.raises(TypeError, match=r"on device 'cpu' but the input is a cupy.ndarray"):
         fastbn.BatchNorm1d(3)(x)
     assert int(gpu_bn.num_batches_tracked) == 0
+
+
+# -- step-by-step building blocks (SyncBatchNorm) ------------------------------------------
+from fastbn import _cpu_backend as cpu_steps   # noqa: E402
+
+STEP_CASES = [((6, 5, 7, 9), "contiguous"), ((6, 5, 7, 9), "channels_last"),
+              ((300, 7), "contiguous"), ((64, 8), "contiguous"), ((4, 3, 50), "strided"),
+              ((2, 3, 11, 5), "transposed"), ((4, 8, 6, 4), "unaligned"),
+              ((1, 2, 300000), "contiguous"), ((20000, 40), "contiguous"),
+              ((3, 4, 1, 1), "contiguous")]
+
+
+def _d(a):
+    return None if a is None else cupy.asarray(a)
+
+
+@pytest.mark.parametrize("shape,layout", STEP_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_building_blocks_match_cpu(shape, layout, dtype):
+    """moments / normalize / grad_sums / grad_input on the GPU agree with the CPU's."""
+    c = shape[1]
+    xh = make(shape, dtype, offset=1e5, seed=41)
+    gyh = make(shape, dtype, seed=42)
+    w = np.linspace(0.5, 2, c).astype(dtype)
+    b = np.linspace(-1, 1, c).astype(dtype)
+    x, gy = on_gpu(xh, layout), on_gpu(gyh, layout)
+
+    mean, m2, count = _gpu.moments(x)
+    cmean, cm2, ccount = cpu_steps.moments(xh)
+    assert count == ccount == xh.size // c and isinstance(count, int)
+    for a in (mean, m2):
+        assert isinstance(a, cupy.ndarray) and a.dtype == np.float64 and a.shape == (c,)
+    np.testing.assert_allclose(host(mean), cmean, rtol=1e-13)
+    np.testing.assert_allclose(host(m2), cm2, rtol=1e-9)
+
+    # the per-channel values as SyncBatchNorm passes them: float64 device arrays
+    invstd = 1.0 / np.sqrt(cm2 / count + EPS)
+    for wt, bt in ((w, b), (None, None), (w, None)):
+        y = _gpu.normalize(x, _d(cmean), _d(invstd), _d(wt), _d(bt))
+        assert isinstance(y, cupy.ndarray) and y.dtype == dtype and y.shape == shape
+        close(y, cpu_steps.normalize(xh, cmean, invstd, wt, bt), dtype)
+        if layout == "channels_last":
+            assert is_channels_last(y)
+
+    sums = _gpu.grad_sums(gy, x, _d(cmean))
+    csums = cpu_steps.grad_sums(gyh, xh, cmean)
+    for got, want in zip(sums, csums):
+        assert isinstance(got, cupy.ndarray) and got.dtype == np.float64 and got.shape == (c,)
+        np.testing.assert_allclose(host(got), want, rtol=1e-9, atol=1e-9 * count)
+
+    # sums and count of a larger (synchronized) batch: here 3 x this shard
+    total = 3 * count
+    sdy, sdyx = 3 * csums[0], 3 * csums[1]
+    for wt in (w, None):
+        gx = _gpu.grad_input(gy, x, _d(wt), _d(cmean), _d(invstd), _d(sdy), _d(sdyx), total)
+        want = cpu_steps.grad_input(gyh, xh, wt, cmean, invstd, sdy, sdyx, total)
+        assert isinstance(gx, cupy.ndarray) and gx.dtype == dtype and gx.shape == shape
+        rtol, atol = tol(dtype)
+        np.testing.assert_allclose(host(gx), want, rtol=rtol, atol=atol * np.abs(want).max())
+        if layout == "channels_last":
+            assert is_channels_last(gx)
+
+
+def test_building_blocks_equal_fused_gpu_calls():
+    """Steps with this shard's own statistics give the fused training forward/backward."""
+    shape = (8, 6, 5, 5)
+    for dtype in DTYPES:
+        xh, gyh = make(shape, dtype, offset=3.0, seed=51), make(shape, dtype, seed=52)
+        x, gy = cupy.asarray(xh), cupy.asarray(gyh)
+        w, b = cupy.linspace(0.5, 2, 6).astype(dtype), cupy.linspace(-1, 1, 6).astype(dtype)
+        y, sm, si = fastbn.batch_norm_forward(x, w, b, None, None, True, 0.1, EPS)
+        gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, None, None, sm, si, True, EPS)
+        mean, m2, count = _gpu.moments(x)
+        invstd = 1.0 / cupy.sqrt(m2 / count + EPS)
+        close(_gpu.normalize(x, mean, invstd, w, b), host(y), dtype)
+        close(mean, host(sm).astype(np.float64), dtype)
+        sdy, sdyx, sx = _gpu.grad_sums(gy, x, mean)
+        close(sdy, host(gb).astype(np.float64), dtype, scale=10 * np.sqrt(count))
+        close(sdyx * invstd, host(gw).astype(np.float64), dtype, scale=10 * np.sqrt(count))
+        assert float(cupy.abs(sx).max()) < 1e-6 * count
+        close(_gpu.grad_input(gy, x, w, mean, invstd, sdy, sdyx, count), host(gx), dtype)
+
+
+def test_grad_sums_uses_the_float64_center_exactly():
+    """A float32 input with a float64 center: sums around that center, not a rounded one."""
+    xh = make((64, 4, 32), np.float32, offset=1e6, seed=53)
+    gyh = make((64, 4, 32), np.float32, seed=54)
+    center = np.array([1e6 + 0.3, 1e6 - 0.27, 1e6 + 0.011, 1e6])    # not float32 values
+    sdy, sdyx, sx = _gpu.grad_sums(cupy.asarray(gyh), cupy.asarray(xh), cupy.asarray(center))
+    d = xh.astype(np.float64) - center[None, :, None]
+    g = gyh.astype(np.float64)
+    np.testing.assert_allclose(host(sx), d.sum(axis=(0, 2)), rtol=1e-9, atol=1e-7)
+    np.testing.assert_allclose(host(sdyx), (g * d).sum(axis=(0, 2)), rtol=1e-9, atol=1e-7)
+    np.testing.assert_allclose(host(sdy), g.sum(axis=(0, 2)), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 16, 16), (512, 8), (3, 5, 64)])
+def test_building_blocks_do_not_depend_on_alignment(shape):
+    xh, gyh = make(shape, np.float32, offset=2.0, seed=55), make(shape, np.float32, seed=56)
+    a, u = on_gpu(xh), on_gpu(xh, "unaligned")
+    ga, gu = on_gpu(gyh), on_gpu(gyh, "unaligned")
+    assert u.data.ptr % 16 != 0
+    ma, m2a, _ = _gpu.moments(a)
+    mu, m2u, _ = _gpu.moments(u)
+    _assert_bitwise([host(ma), host(m2a)], [host(mu), host(m2u)])
+    _assert_bitwise([host(s) for s in _gpu.grad_sums(ga, a, ma)],
+                    [host(s) for s in _gpu.grad_sums(gu, u, ma)])
+    _assert_bitwise([host(s) for s in _gpu.grad_sums(ga, a, ma)],
+                    [host(s) for s in _gpu.grad_sums(ga, a, ma)])
+
+
+def test_building_blocks_on_empty_input(monkeypatch):
+    launched = []
+    real = _gpu._function
+    monkeypatch.setattr(_gpu, "_function", lambda name: launched.append(name) or real(name))
+    x = cupy.zeros((0, 3, 4), cupy.float32)
+    mean, m2, count = _gpu.moments(x)
+    assert count == 0 and mean.shape == (3,) and m2.shape == (3,)
+    assert not bool(mean.any()) and not bool(m2.any()) and mean.dtype == np.float64
+    y = _gpu.normalize(x, mean, mean, None, None)
+    assert isinstance(y, cupy.ndarray) and y.shape == x.shape and y.dtype == x.dtype
+    s = _gpu.grad_sums(x, x, mean)
+    assert all(v.shape == (3,) and v.dtype == np.float64 and not bool(v.any()) for v in s)
+    gx = _gpu.grad_input(x, x, None, mean, mean, s[0], s[1], 5)
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+    assert launched == []
+
+
+def test_building_blocks_launch_two_kernels_each(monkeypatch):
+    names = []
+    real = _gpu._function
+
+    def spy(name):
+        names.append(name)
+        return real(name)
+
+    monkeypatch.setattr(_gpu, "_function", spy)
+    for shape, layout in (((4, 3, 5, 5), "contiguous"), ((4, 3, 5, 5), "channels_last")):
+        x = on_gpu(make(shape, np.float32, seed=1), layout)
+        w = cupy.ones(3, cupy.float32)
+
+        def count(fn):
+            names.clear()
+            out = fn()
+            return len(names), out
+
+        n, (mean, m2, cnt) = count(lambda: _gpu.moments(x))
+        assert n == 2 and names[-1] == "fastbn::finalize_partials"
+        invstd = 1.0 / cupy.sqrt(m2 / cnt + EPS)
+        assert count(lambda: _gpu.normalize(x, mean, invstd, w, w))[0] == 2
+        n, (sdy, sdyx, _) = count(lambda: _gpu.grad_sums(x, x, mean))
+        assert n == 2 and names[0].endswith(", double>")
+        assert count(lambda: _gpu.grad_input(x, x, w, mean, invstd, sdy, sdyx, cnt))[0] == 2
+
+
+def _thread_ranks(size, body):
+    """Run ``body(comm)`` on ``size`` threads sharing one device; simulated collectives."""
+    import threading
+
+    from fastbn._comm import Communicator
+
+    slots = [None] * size
+    barrier = threading.Barrier(size, timeout=60)
+
+    class Comm(Communicator):
+        def __init__(self, rank):
+            self.rank, self.size = rank, size
+
+        def _exchange(self, send):
+            slots[self.rank] = np.array(send, np.float64)
+            barrier.wait()
+            rows = np.stack(slots)
+            barrier.wait()
+            return rows
+
+        def allgather(self, send):
+            return self._exchange(send)
+
+        def allreduce(self, send):
+            return self._exchange(send).sum(axis=0)
+
+    results = [None] * size
+
+    def target(r):
+        try:
+            results[r] = body(Comm(r))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            results[r] = exc
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a simulated rank hung"
+    for res in results:
+        if isinstance(res, BaseException):
+            raise res
+    return results
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sync_batchnorm_on_cuda_matches_full_batch(layout, dtype):
+    """SyncBatchNorm on CuPy shards (3 simulated ranks, one empty) = BatchNorm on the batch."""
+    counts = [2, 0, 3]
+    shape = (sum(counts), 4, 3, 5)
+    starts = np.cumsum([0] + counts)
+    xh = make(shape, dtype, offset=5.0, scale=2.0, seed=61)
+    gyh = make(shape, dtype, seed=62)
+    ref_bn = fastbn.BatchNorm2d(4, dtype=dtype)
+    ref_bn.weight[...] = np.linspace(0.5, 2.0, 4)
+    y_ref, gx_ref = ref_bn(xh), ref_bn.backward(gyh)
+
+    def body(comm):
+        bn = fastbn.BatchNorm2d(4, dtype=dtype)
+        bn.weight[...] = np.linspace(0.5, 2.0, 4)
+        bn = fastbn.SyncBatchNorm.from_batchnorm(bn.to("cuda"), comm)
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        y = bn(on_gpu(xh[lo:hi], layout))
+        gx = bn.backward(on_gpu(gyh[lo:hi], layout))
+        fastbn.allreduce_gradients(bn)
+        return y, gx, host(bn.grad_weight), host(bn.grad_bias), host(bn.running_mean), \
+            host(bn.running_var)
+
+    for r, (y, gx, gw, gb, rm, rv) in enumerate(_thread_ranks(3, body)):
+        lo, hi = starts[r], starts[r + 1]
+        assert isinstance(y, cupy.ndarray) and isinstance(gx, cupy.ndarray)
+        assert y.shape == gx.shape == (hi - lo,) + shape[1:]
+        close(y, y_ref[lo:hi], dtype)
+        close(gx, gx_ref[lo:hi], dtype)
+        close(gw, ref_bn.grad_weight, dtype, scale=100)
+        close(gb, ref_bn.grad_bias, dtype, scale=100)
+        close(rm, ref_bn.running_mean, dtype)
+        close(rv, ref_bn.running_var, dtype)
+
+
+def test_nccl_single_rank_communicator():
+    """A one-rank NcclCommunicator: the adapter's collectives, and plain BatchNorm behaviour."""
+    try:
+        from cupy.cuda import nccl
+    except ImportError as exc:
+        pytest.skip(f"cupy.cuda.nccl is not importable ({exc})")
+    if not getattr(nccl, "available", False):
+        pytest.skip("CuPy was built without NCCL")
+    from fastbn._comm import as_communicator
+
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    adapter = as_communicator(comm)
+    assert (adapter.rank, adapter.size) == (0, 1)
+    send = np.arange(7, dtype=np.float64) - 2.5
+    np.testing.assert_array_equal(adapter.allgather(send), send[None])
+    np.testing.assert_array_equal(adapter.allreduce(send), send)
+    xh = make((4, 3, 5), np.float32, offset=1.0, seed=63)
+    bn = fastbn.SyncBatchNorm(3, comm=comm, device="cuda")
+    plain = fastbn.BatchNorm1d(3).to("cuda")
+    x = cupy.asarray(xh)
+    np.testing.assert_array_equal(host(bn(x)), host(plain(x)))
+    np.testing.assert_array_equal(host(bn.backward(x)), host(plain.backward(x)))

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("cupy")
@@ -84,7 +85,7 @@ def test_streaming_kernels_do_not_spill(compiled, arch):
     spills = dict(re.findall(r"Function properties for (\w+)\n[^\n]*?(\d+) bytes spill stores",
                              log))
     for name, symbol in lowered.items():
-        if name.split("<")[0].split("::")[1] in _gpu._PER_CHANNEL:
+        if name.split("<")[0].split("::")[1] in _gpu._PER_CHANNEL + _gpu._UNTYPED:
             continue            # one thread per channel, not on the bandwidth path
         assert spills.get(symbol) == "0", f"{name}: {spills.get(symbol)} bytes spilled\n{log}"
 
@@ -101,9 +102,23 @@ def test_name_expressions_cover_every_kernel():
     source = _gpu.kernel_source()
     kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\(",
                              source))
-    named = {re.match(r"fastbn::(\w+)<", n).group(1) for n in _gpu.NAME_EXPRESSIONS}
+    named = {re.match(r"fastbn::(\w+)", n).group(1) for n in _gpu.NAME_EXPRESSIONS}
     assert kernels == named
     assert len(set(_gpu.NAME_EXPRESSIONS)) == len(_gpu.NAME_EXPRESSIONS)
+
+
+def test_sync_building_block_kernels(compiled):
+    """SyncBatchNorm's steps: grad_sums with a double center is its own instantiation for
+    float input (a double input reuses the fused one), plus two per-channel kernels."""
+    names = set(_gpu.NAME_EXPRESSIONS)
+    assert "fastbn::finalize_partials" in names
+    assert {"fastbn::coefs_from_stats<float>", "fastbn::coefs_from_stats<double>"} <= names
+    f32 = _gpu.kernel_name("grad_sums_inner", np.float32, 4, True, np.float64)
+    assert f32 == "fastbn::grad_sums_inner<float, 4, true, double>" and f32 in names
+    assert (_gpu.kernel_name("grad_sums_outer", np.float64, 2, False, np.float64)
+            == _gpu.kernel_name("grad_sums_outer", np.float64, 2, False))
+    lowered = compiled["sm_90"][0]
+    assert lowered[f32] != lowered["fastbn::grad_sums_inner<float, 4, true>"]
 
 
 def test_python_and_cuda_constants_agree():

@@ -332,8 +332,8 @@ def test_merge_moments_is_chan_in_rank_order():
 
 
 def test_backend_without_building_blocks_is_reported():
-    # fastbn._gpu may not have the step-by-step functions yet: a clear error, raised
-    # inside the local checks, so the other ranks learn of it through the collective.
+    # A backend without the step-by-step functions: a clear error, raised inside the
+    # local checks, so the other ranks learn of it through the collective.
     lacking = types.ModuleType("fastbn._gpu_stub")
     lacking.moments = lacking.normalize = lambda *a: None
     with pytest.raises(NotImplementedError, match="grad_sums, grad_input in fastbn._gpu_stub"):

@@ -15,6 +15,13 @@
 //   backward       grad_sums_* -> finalize_grad -> grad_input_* (or normalize_*
 //                  in eval, where grad_input = grad_output * invstd * weight)
 //
+// Step-by-step building blocks for SyncBatchNorm (float64 per-channel values in
+// and out, two launches each):
+//   moments        stats_* -> finalize_partials (mean, M2, count)
+//   grad sums      grad_sums_* (double center) -> finalize_partials (sums)
+//   normalize      coefs_from_stats -> normalize_*
+//   grad input     coefs_from_stats -> grad_input_*
+//
 // Determinism: a reduction splits every channel over B blocks (B and the range
 // of each block are a function of the shape only, computed in Python), each
 // block writes its partial result into its own slot, and finalize_* merges the
@@ -217,6 +224,46 @@ __device__ __forceinline__ void split_hi_lo(double value, T& hi, T& lo) {
     lo = static_cast<T>(value - static_cast<double>(hi));
 }
 
+// One warp merges channel c's B (mean, M2, count) partials in a fixed order
+// (lane l takes blocks l, l + 32, ..., then a fixed shuffle tree); lane 0 ends
+// with the channel's (n, mean, M2).
+__device__ __forceinline__ void warp_merge_moments(const double* __restrict__ part, long long C,
+                                                   long long B, long long c, int lane,
+                                                   double& n, double& m, double& m2) {
+    const long long cb = C * B;
+    n = 0.0;
+    m = 0.0;
+    m2 = 0.0;
+    for (long long b = lane; b < B; b += WARP) {
+        const long long i = c * B + b;
+        chan_merge(n, m, m2, part[2 * cb + i], part[i], part[cb + i]);
+    }
+    for (int off = WARP / 2; off > 0; off /= 2) {
+        const double nb = shfl_down(n, off), mb = shfl_down(m, off), m2b = shfl_down(m2, off);
+        if (lane + off < WARP) chan_merge(n, m, m2, nb, mb, m2b);
+    }
+}
+
+// One warp adds channel c's B partials of the three sums in a fixed order;
+// lane 0 ends with the totals.
+__device__ __forceinline__ void warp_sum_partials(const double* __restrict__ part, long long C,
+                                                  long long B, long long c, int lane,
+                                                  double (&s)[3]) {
+    const long long cb = C * B;
+    s[0] = s[1] = s[2] = 0.0;
+    for (long long b = lane; b < B; b += WARP) {
+        const long long i = c * B + b;
+        s[0] += part[i];
+        s[1] += part[cb + i];
+        s[2] += part[2 * cb + i];
+    }
+#pragma unroll
+    for (int q = 0; q < 3; ++q) {
+#pragma unroll
+        for (int off = WARP / 2; off > 0; off /= 2) s[q] += shfl_down(s[q], off);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // statistics: per-block (mean, M2, count) partials
 // part[q * C * B + c * B + b], q = 0 mean, 1 M2, 2 count
@@ -333,16 +380,8 @@ finalize_stats(const double* __restrict__ part, long long C, long long B, double
     const long long c = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / WARP;
     const int lane = threadIdx.x % WARP;
     if (c >= C) return;                 // whole warps leave together
-    const long long cb = C * B;
-    double n = 0.0, m = 0.0, m2 = 0.0;
-    for (long long b = lane; b < B; b += WARP) {
-        const long long i = c * B + b;
-        chan_merge(n, m, m2, part[2 * cb + i], part[i], part[cb + i]);
-    }
-    for (int off = WARP / 2; off > 0; off /= 2) {
-        const double nb = shfl_down(n, off), mb = shfl_down(m, off), m2b = shfl_down(m2, off);
-        if (lane + off < WARP) chan_merge(n, m, m2, nb, mb, m2b);
-    }
+    double n, m, m2;
+    warp_merge_moments(part, C, B, c, lane, n, m, m2);
     if (lane != 0) return;
     const double invstd = 1.0 / sqrt(m2 / n + eps);
     save_mean[c] = static_cast<T>(m);
@@ -462,11 +501,13 @@ normalize_inner(const T* __restrict__ x, T* __restrict__ y, const T* __restrict_
 // ---------------------------------------------------------------------------
 // backward reductions: part[q * C * B + c * B + b],
 // q = 0 sum(dy), 1 sum(dy * (x - center)), 2 sum(x - center)
+// The center has the input's type (fused backward: the saved mean) or is
+// double (CT = double: SyncBatchNorm's global mean, used exactly).
 // ---------------------------------------------------------------------------
 
-template <typename T, int VEC, bool ALIGNED>
+template <typename T, int VEC, bool ALIGNED, typename CT = T>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_2)
-grad_sums_outer(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ center,
+grad_sums_outer(const T* __restrict__ dy, const T* __restrict__ x, const CT* __restrict__ center,
                 double* __restrict__ part, long long C, long long S_v, long long V,
                 long long chunk) {
     const long long c = blockIdx.x, b = blockIdx.y, B = gridDim.y;
@@ -510,9 +551,9 @@ grad_sums_outer(const T* __restrict__ dy, const T* __restrict__ x, const T* __re
     }
 }
 
-template <typename T, int VEC, bool ALIGNED>
+template <typename T, int VEC, bool ALIGNED, typename CT = T>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_2)
-grad_sums_inner(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ center,
+grad_sums_inner(const T* __restrict__ dy, const T* __restrict__ x, const CT* __restrict__ center,
                 double* __restrict__ part, long long M, long long C, long long rows) {
     const long long cv = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long b = blockIdx.y, B = gridDim.y;
@@ -578,19 +619,8 @@ finalize_grad(const double* __restrict__ part, long long C, long long B, double 
     const long long c = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / WARP;
     const int lane = threadIdx.x % WARP;
     if (c >= C) return;                 // whole warps leave together
-    const long long cb = C * B;
-    double s[3] = {0.0, 0.0, 0.0};
-    for (long long b = lane; b < B; b += WARP) {
-        const long long i = c * B + b;
-        s[0] += part[i];
-        s[1] += part[cb + i];
-        s[2] += part[2 * cb + i];
-    }
-#pragma unroll
-    for (int q = 0; q < 3; ++q) {
-#pragma unroll
-        for (int off = WARP / 2; off > 0; off /= 2) s[q] += shfl_down(s[q], off);
-    }
+    double s[3];
+    warp_sum_partials(part, C, B, c, lane, s);
     if (lane != 0) return;
     double sum_dy = s[0], sum_dyx = s[1];
     double mu = static_cast<double>(center[c]);
@@ -617,6 +647,61 @@ finalize_grad(const double* __restrict__ part, long long C, long long B, double 
     }
     if (grad_weight != nullptr) grad_weight[c] = static_cast<T>(sum_dyx * is);
     if (grad_bias != nullptr) grad_bias[c] = static_cast<T>(sum_dy);
+}
+
+// ---------------------------------------------------------------------------
+// step-by-step building blocks (SyncBatchNorm): per-channel double values
+// ---------------------------------------------------------------------------
+
+// One warp per channel (grid ceil(C / 8), block 256): merge the B partials of
+// stats_* (moments != 0: out = mean, M2, count) or of grad_sums_* (moments == 0:
+// out = sum dy, sum dy * (x - center), sum (x - center)) in the fixed order of
+// finalize_stats / finalize_grad; out[q * C + c], double.
+__global__ void __launch_bounds__(THREADS)
+finalize_partials(const double* __restrict__ part, long long C, long long B,
+                  long long moments, double* __restrict__ out) {
+    const long long c = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / WARP;
+    const int lane = threadIdx.x % WARP;
+    if (c >= C) return;                 // whole warps leave together
+    double s[3];
+    if (moments) {
+        warp_merge_moments(part, C, B, c, lane, s[2], s[0], s[1]);
+    } else {
+        warp_sum_partials(part, C, B, c, lane, s);
+    }
+    if (lane != 0) return;
+    out[c] = s[0];
+    out[C + c] = s[1];
+    out[2 * C + c] = s[2];
+}
+
+// One thread per channel: coefficients from double batch statistics, with
+// k = invstd * weight (invstd when weight is null):
+//   sum_dy == null  normalize_*:  coef = (hi, lo, k, bias or 0)
+//   otherwise       grad_input_*: coef = (hi, lo, k, sum_dy / count,
+//                                         sum_dyx * invstd^2 / count)
+// where hi + lo is the mean; count and the sums may cover several processes.
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+coefs_from_stats(long long C, const double* __restrict__ mean, const double* __restrict__ invstd,
+                 const T* __restrict__ weight, const T* __restrict__ bias,
+                 const double* __restrict__ sum_dy, const double* __restrict__ sum_dyx,
+                 double count, T* __restrict__ coef) {
+    const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const double is = invstd[c];
+    const double k = weight != nullptr ? is * static_cast<double>(weight[c]) : is;
+    T hi, lo;
+    split_hi_lo(mean[c], hi, lo);
+    coef[c] = hi;
+    coef[C + c] = lo;
+    coef[2 * C + c] = static_cast<T>(k);
+    if (sum_dy == nullptr) {
+        coef[3 * C + c] = bias != nullptr ? bias[c] : T(0);
+    } else {
+        coef[3 * C + c] = static_cast<T>(sum_dy[c] / count);
+        coef[4 * C + c] = static_cast<T>(sum_dyx[c] * is * is / count);
+    }
 }
 
 // ---------------------------------------------------------------------------
