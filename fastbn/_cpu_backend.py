@@ -35,6 +35,11 @@ _AFFINE = {"outer": _cpu.affine_outer, "inner": _cpu.affine_inner}
 _BACKWARD = {"outer": _cpu.backward_outer, "inner": _cpu.backward_inner}
 
 
+def _contig(a):
+    """Per-channel arrays may be strided views; the kernels take contiguous ones."""
+    return a if a is None or a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
 def forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out=None):
     """Normalize with batch statistics; update running stats when given.
 
@@ -46,8 +51,13 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out
     y, y_view = p.output(np, x.dtype, out)
     save_mean = np.empty(p.shape[1], x.dtype)
     save_invstd = np.empty(p.shape[1], x.dtype)
-    _TRAIN[p.kind](p.view, y_view, weight, bias, running_mean, running_var, save_mean,
+    # strided running stats are updated through contiguous copies, written back after
+    rm, rv = _contig(running_mean), _contig(running_var)
+    _TRAIN[p.kind](p.view, y_view, _contig(weight), _contig(bias), rm, rv, save_mean,
                    save_invstd, momentum, eps, threads_for(x.size))
+    for staged, target in ((rm, running_mean), (rv, running_var)):
+        if staged is not target:
+            target[...] = staged
     return y, save_mean, save_invstd
 
 
@@ -61,8 +71,8 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, out=None):
     """
     p = _plan(np, x)
     y, y_view = p.output(np, x.dtype, out)
-    _EVAL[p.kind](p.view, y_view, weight, bias, running_mean, running_var, eps,
-                  threads_for(x.size))
+    _EVAL[p.kind](p.view, y_view, _contig(weight), _contig(bias), _contig(running_mean),
+                  _contig(running_var), eps, threads_for(x.size))
     return y
 
 
@@ -83,7 +93,7 @@ def backward(gy, x, weight, mean, invstd, training, out=None):
     if weight is not None:
         gw = np.empty(n_chan, dtype)
         gb = np.empty(n_chan, dtype)
-    _BACKWARD[p.kind](p.conform(np, gy), p.view, gx_view, weight,
+    _BACKWARD[p.kind](p.conform(np, gy), p.view, gx_view, _contig(weight),
                       np.ascontiguousarray(mean, dtype), invstd.astype(np.float64), training,
                       gw, gb, threads_for(x.size))
     return gx, gw, gb
@@ -116,7 +126,7 @@ def normalize(x, mean, invstd, weight, bias):
         hi = mean.astype(x.dtype)
         lo = (mean - hi).astype(x.dtype)
         scale = invstd if weight is None else invstd * weight
-        shift = np.zeros(p.shape[1], x.dtype) if bias is None else bias
+        shift = np.zeros(p.shape[1], x.dtype) if bias is None else _contig(bias)
         _AFFINE[p.kind](p.view, y_view, hi, lo, scale.astype(x.dtype), shift,
                         threads_for(x.size))
     return y

@@ -257,3 +257,25 @@ def test_bad_out_changes_nothing():
         fastbn.batch_norm(x, rm, rv, training=True, out=ro)
     np.testing.assert_array_equal(rm, 0)
     np.testing.assert_array_equal(rv, 1)
+
+
+def test_strided_per_channel_arrays():
+    """Weight, bias and running stats may be strided views; running stats update in place."""
+    x = make((8, 3, 5), np.float32, offset=1.0, seed=71)
+    gy = make((8, 3, 5), np.float32, seed=72)
+    w, b, rm, rv = _params(3, np.float32)
+    views = [np.zeros(6, np.float32)[::2] for _ in range(4)]
+    for view, value in zip(views, (w, b, rm, rv)):
+        view[...] = value
+    sw, sb, srm, srv = views
+    y, sm, si = fastbn.batch_norm_forward(x, sw, sb, srm, srv, True, 0.1, 1e-5)
+    ry, rsm, rsi = fastbn.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
+    np.testing.assert_array_equal(y, ry)
+    np.testing.assert_array_equal(srm, rm)     # updated through the view
+    np.testing.assert_array_equal(srv, rv)
+    np.testing.assert_array_equal(fastbn.batch_norm(x, srm, srv, sw, sb),
+                                  fastbn.batch_norm(x, rm, rv, w, b))
+    got = fastbn.batch_norm_backward(gy, x, sw, None, None, sm, si, True, 1e-5)
+    want = fastbn.batch_norm_backward(gy, x, w, None, None, rsm, rsi, True, 1e-5)
+    for a, c in zip(got, want):
+        np.testing.assert_array_equal(a, c)
