@@ -101,15 +101,27 @@ def _make(case, dtype, seed):
 
 def _time(fn, min_repeat, budget_s):
     """Median wall time of ``fn()`` in ms (one warm-up call, then >= min_repeat runs)."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_repeat or (time.perf_counter() - start < budget_s
-                                      and len(times) < 3 * min_repeat):
-        t0 = time.perf_counter()
+    return _time_interleaved([fn], min_repeat, budget_s)[0]
+
+
+def _time_interleaved(fns, min_repeat, budget_s):
+    """Median wall times in ms of several functions, called in turn.
+
+    Taking turns (a, b, c, a, b, c, ...) exposes every contender to the same
+    drift of the machine (other tenants, frequency, memory traffic), so the
+    ratios stay meaningful on a noisy machine where back-to-back blocks do not.
+    """
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_repeat or (time.perf_counter() - start < budget_s * len(fns)
+                                         and len(times[0]) < 3 * min_repeat):
+        for fn, bucket in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 # -- NumPy written by hand: the obvious vectorised implementation -----------------
@@ -206,8 +218,13 @@ def run_case(case, mode, dtype, threads, bandwidth, torch=None, budget_s=0.5):
         mean, invstd = sm.astype(np.float64), si.astype(np.float64)
         slow = lambda: numpy_backward(gy, x, w, mean, invstd)[0]
     min_repeat = 21 if x.nbytes < (64 << 20) else 11
-    fast_ms = _time(fast, min_repeat, budget_s)
-    out_ms = _time(lambda: fast(buf), min_repeat, budget_s)
+    contenders = [fast, lambda: fast(buf)]
+    tfn = None
+    if torch is not None:
+        tfn = _torch_runner(torch, mode, x, gy, w, b, rm, rv)
+        contenders.append(tfn)
+    times = _time_interleaved(contenders, min_repeat, budget_s)
+    fast_ms, out_ms = times[0], times[1]
     numpy_ms = _time(slow, 5, budget_s / 2)
     want = _reference(mode, x, gy, w, b, rm, rv)
     err = _max_err(fast(), want)
@@ -218,9 +235,8 @@ def run_case(case, mode, dtype, threads, bandwidth, torch=None, budget_s=0.5):
               vs_numpy=numpy_ms / fast_ms, max_err=err)
     tol = 1e-4 if np.dtype(dtype) == np.float32 else 1e-10
     row.ok = err < tol
-    if torch is not None:
-        tfn = _torch_runner(torch, mode, x, gy, w, b, rm, rv)
-        row.torch_ms = _time(tfn, min_repeat, budget_s)
+    if tfn is not None:
+        row.torch_ms = times[2]
         row.vs_torch = row.torch_ms / fast_ms
         row.torch_err = _max_err(tfn().numpy(), want)
     return row
