@@ -29,9 +29,10 @@ thread count.
 Accuracy: statistics are float64 sums around a shift (the first value of each
 plane, or the first folded row of each block) merged with Chan's formula, so the
 variance stays exact for data with a large mean. Elementwise passes compute
-``((x - hi) - lo) * scale + shift``, where ``hi + lo`` is the float64 mean split
-into two numbers of the input's type, so ``x - mean`` keeps full precision even
-when ``|mean|`` is 1e6 times the standard deviation.
+``(x - hi) * scale + shift``, where ``hi`` is the float64 mean rounded to the
+input's type and the rounding left over is folded into ``shift`` in float64, so
+``x - mean`` keeps full precision even when ``|mean|`` is 1e6 times the standard
+deviation.
 """
 from cython cimport floating
 from cython.parallel cimport prange
@@ -108,29 +109,27 @@ cdef extern from "_kernels.h" nogil:
     Moments run_moments_f32 "fastbn_run_moments_f32"(const float*, Py_ssize_t)
     Moments run_moments_f64 "fastbn_run_moments_f64"(const double*, Py_ssize_t)
     void run_affine_f32 "fastbn_run_affine_f32"(const float*, float*, Py_ssize_t, float,
-                                                float, float, float)
+                                                float, float)
     void run_affine_f64 "fastbn_run_affine_f64"(const double*, double*, Py_ssize_t, double,
-                                                double, double, double)
+                                                double, double)
     GradSums run_grad_sums_f32 "fastbn_run_grad_sums_f32"(const float*, const float*,
                                                           Py_ssize_t, double, GradSums)
     GradSums run_grad_sums_f64 "fastbn_run_grad_sums_f64"(const double*, const double*,
                                                           Py_ssize_t, double, GradSums)
     void run_grad_input_f32 "fastbn_run_grad_input_f32"(const float*, const float*, float*,
                                                         Py_ssize_t, float, float, float,
-                                                        float, float)
+                                                        float)
     void run_grad_input_f64 "fastbn_run_grad_input_f64"(const double*, const double*,
                                                         double*, Py_ssize_t, double, double,
-                                                        double, double, double)
+                                                        double, double)
     void rows_moments_f32 "fastbn_rows_moments_f32"(const float*, Py_ssize_t, Py_ssize_t,
                                                     Py_ssize_t, double*, double*, double*)
     void rows_moments_f64 "fastbn_rows_moments_f64"(const double*, Py_ssize_t, Py_ssize_t,
                                                     Py_ssize_t, double*, double*, double*)
     void rows_affine_f32 "fastbn_rows_affine_f32"(const float*, float*, Py_ssize_t,
-                                                  const float*, const float*, const float*,
-                                                  const float*)
+                                                  const float*, const float*, const float*)
     void rows_affine_f64 "fastbn_rows_affine_f64"(const double*, double*, Py_ssize_t,
-                                                  const double*, const double*, const double*,
-                                                  const double*)
+                                                  const double*, const double*, const double*)
     void rows_grad_sums_f32 "fastbn_rows_grad_sums_f32"(const float*, const float*, Py_ssize_t,
                                                         Py_ssize_t, Py_ssize_t, const double*,
                                                         double*)
@@ -140,11 +139,11 @@ cdef extern from "_kernels.h" nogil:
     void rows_grad_input_f32 "fastbn_rows_grad_input_f32"(const float*, const float*, float*,
                                                           Py_ssize_t, const float*,
                                                           const float*, const float*,
-                                                          const float*, const float*)
+                                                          const float*)
     void rows_grad_input_f64 "fastbn_rows_grad_input_f64"(const double*, const double*,
                                                           double*, Py_ssize_t, const double*,
                                                           const double*, const double*,
-                                                          const double*, const double*)
+                                                          const double*)
 
 
 # ---------------------------------------------------------------------------
@@ -162,19 +161,25 @@ cdef inline Moments _chan_merge(Moments a, double n_a, Moments b, double n_b) no
 
 
 cdef inline void _set_coefs(double mean, double scale, double shift, floating* hi,
-                            floating* lo, floating* sc, floating* sh) noexcept nogil:
-    """Coefficients of ``((x - hi) - lo) * sc + sh`` for one channel."""
+                            floating* sc, floating* sh) noexcept nogil:
+    """Coefficients of ``y = (x - hi) * sc + sh`` for ``(x - mean) * scale + shift``.
+
+    ``hi`` is the mean rounded to the input's type, so ``x - hi`` is exact (or as
+    exact as the input's precision) even when the mean is 1e6 standard deviations
+    from 0; the rounding left over (``mean - hi``, in float64) moves into the shift.
+    """
+    cdef double lo
     hi[0] = <floating> mean
-    lo[0] = <floating> (mean - <double> hi[0])
+    lo = mean - <double> hi[0]
     sc[0] = <floating> scale
-    sh[0] = <floating> shift
+    sh[0] = <floating> (shift - lo * scale)
 
 
 cdef inline void _finish_train(Py_ssize_t c, Moments mo, double count,
                                double eps, double momentum, const floating* w,
                                const floating* b, floating* rm, floating* rv,
                                floating* save_mean, floating* save_invstd, floating* hi,
-                               floating* lo, floating* sc, floating* sh) noexcept nogil:
+                               floating* sc, floating* sh) noexcept nogil:
     """Saved statistics, running-stat update (PyTorch's, in float64) and coefficients."""
     cdef double mean = mo.mean, m2 = mo.m2
     cdef double invstd = 1.0 / sqrt(m2 / count + eps)
@@ -184,30 +189,34 @@ cdef inline void _finish_train(Py_ssize_t c, Moments mo, double count,
         rm[c] = <floating> (momentum * mean + (1.0 - momentum) * rm[c])
         rv[c] = <floating> (momentum * (m2 / (count - 1)) + (1.0 - momentum) * rv[c])
     _set_coefs(mean, invstd * (1.0 if w == NULL else w[c]), 0.0 if b == NULL else b[c],
-               &hi[c], &lo[c], &sc[c], &sh[c])
+               &hi[c], &sc[c], &sh[c])
 
 
 cdef void _eval_coefs(Py_ssize_t n_chan, const floating* w, const floating* b,
                       const floating* rm, const floating* rv, double eps, floating* hi,
-                      floating* lo, floating* sc, floating* sh) noexcept nogil:
-    """Coefficients of eval mode: ``((x - running_mean) - 0) * invstd * w + b``."""
+                      floating* sc, floating* sh) noexcept nogil:
+    """Coefficients of eval mode: ``(x - running_mean) * invstd * w + b``."""
     cdef Py_ssize_t c
     for c in range(n_chan):
         _set_coefs(rm[c], (1.0 / sqrt(<double> rv[c] + eps)) * (1.0 if w == NULL else w[c]),
-                   0.0 if b == NULL else b[c], &hi[c], &lo[c], &sc[c], &sh[c])
+                   0.0 if b == NULL else b[c], &hi[c], &sc[c], &sh[c])
 
 
 cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
                                   double invstd, double count,
                                   bint training, const floating* w, floating* gw,
-                                  floating* gb, floating* hi, floating* lo, floating* k,
-                                  floating* mdy, floating* a) noexcept nogil:
+                                  floating* gb, floating* hi, floating* a, floating* m,
+                                  floating* k) noexcept nogil:
     """grad_weight / grad_bias and the coefficients of grad_input for one channel.
 
-    In training the true batch mean is ``center + sum_x / count``; the sums were
-    taken around ``center`` (the saved mean), so the correction is exact.
+    grad_input = ``(dy - (x - hi) * a - m) * k``, which is
+    ``(dy - mean(dy) - xhat * mean(dy * xhat)) * invstd * w`` with ``x - mean``
+    split as in :func:`_set_coefs`. In training the true batch mean is
+    ``center + sum_x / count``; the sums were taken around ``center`` (the saved
+    mean), so the correction is exact.
     """
     cdef double offset, sum_dy = sums.dy, sum_dyx = sums.dyx, sum_x = sums.x
+    cdef double lo, slope, mean_dy
     if training:
         offset = sum_x / count
         center = center + offset
@@ -216,10 +225,12 @@ cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
         gw[c] = <floating> (sum_dyx * invstd)
         gb[c] = <floating> sum_dy
     hi[c] = <floating> center
-    lo[c] = <floating> (center - <double> hi[c])
+    lo = center - <double> hi[c]
+    slope = sum_dyx * invstd * invstd / count if training else 0.0
+    mean_dy = sum_dy / count if training else 0.0
+    a[c] = <floating> slope
+    m[c] = <floating> (mean_dy - lo * slope)
     k[c] = <floating> (invstd * (1.0 if w == NULL else w[c]))
-    mdy[c] = <floating> (sum_dy / count if training else 0.0)
-    a[c] = <floating> (sum_dyx * invstd * invstd / count if training else 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -236,11 +247,11 @@ cdef inline Moments _run_moments(const floating* p, Py_ssize_t s) noexcept nogil
 
 
 cdef inline void _run_affine(const floating* x, floating* y, Py_ssize_t s, floating hi,
-                             floating lo, floating sc, floating sh) noexcept nogil:
+                             floating sc, floating sh) noexcept nogil:
     if floating is float:
-        run_affine_f32(x, y, s, hi, lo, sc, sh)
+        run_affine_f32(x, y, s, hi, sc, sh)
     else:
-        run_affine_f64(x, y, s, hi, lo, sc, sh)
+        run_affine_f64(x, y, s, hi, sc, sh)
 
 
 cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ssize_t s,
@@ -252,12 +263,12 @@ cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ss
 
 
 cdef inline void _run_grad_input(const floating* dy, const floating* x, floating* gx,
-                                 Py_ssize_t s, floating hi, floating lo, floating k,
-                                 floating mdy, floating a) noexcept nogil:
+                                 Py_ssize_t s, floating hi, floating a, floating m,
+                                 floating k) noexcept nogil:
     if floating is float:
-        run_grad_input_f32(dy, x, gx, s, hi, lo, k, mdy, a)
+        run_grad_input_f32(dy, x, gx, s, hi, a, m, k)
     else:
-        run_grad_input_f64(dy, x, gx, s, hi, lo, k, mdy, a)
+        run_grad_input_f64(dy, x, gx, s, hi, a, m, k)
 
 
 # ---------------------------------------------------------------------------
@@ -463,7 +474,6 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef floating* si = &save_invstd[0]
     cdef floating* coef = NULL
     cdef floating* hi
-    cdef floating* lo
     cdef floating* sc
     cdef floating* sh
     cdef Moments* units = NULL
@@ -471,11 +481,10 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                                            num_threads)
     cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, k, c1
     try:
-        coef = <floating*> _alloc(4 * n_chan * sizeof(floating))
+        coef = <floating*> _alloc(3 * n_chan * sizeof(floating))
         hi = coef
-        lo = coef + n_chan
-        sc = coef + 2 * n_chan
-        sh = coef + 3 * n_chan
+        sc = coef + n_chan
+        sh = coef + 2 * n_chan
         units = <Moments*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(Moments))
         with nogil:
             if block:
@@ -486,36 +495,35 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                     _block_moments(x, k * block, c1, units + n_chan, units)
                     for c in range(k * block, c1):
                         _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si,
-                                      hi, lo, sc, sh)
+                                      hi, sc, sh)
                     for n in range(n_batch):
                         for c in range(k * block, c1):
-                            _run_affine(&x[n, c, 0], &y[n, c, 0], s, hi[c], lo[c], sc[c],
-                                        sh[c])
+                            _run_affine(&x[n, c, 0], &y[n, c, 0], s, hi[c], sc[c], sh[c])
             else:
                 _outer_moments(x, units + n_chan, units, num_threads)
                 for c in range(n_chan):
                     _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si, hi,
-                                  lo, sc, sh)
+                                  sc, sh)
                 for q in prange(planes, schedule="static", num_threads=num_threads):
                     c = q % n_chan
                     _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c],
-                                lo[c], sc[c], sh[c])
+                                sc[c], sh[c])
     finally:
         _free(coef)
         _free(units)
 
 
 def affine_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
-                 const floating[::1] hi, const floating[::1] lo,
-                 const floating[::1] scale, const floating[::1] shift, int num_threads):
-    """``y[n, c, :] = ((x[n, c, :] - hi[c]) - lo[c]) * scale[c] + shift[c]``."""
+                 const floating[::1] hi, const floating[::1] scale,
+                 const floating[::1] shift, int num_threads):
+    """``y[n, c, :] = (x[n, c, :] - hi[c]) * scale[c] + shift[c]``."""
     cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
     with nogil:
         for q in prange(planes, schedule="static", num_threads=num_threads):
             c = q % n_chan
-            _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c], lo[c],
-                        scale[c], shift[c])
+            _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c], scale[c],
+                        shift[c])
 
 
 def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
@@ -527,15 +535,15 @@ def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
     cdef const floating* w = _opt(weight)
     cdef const floating* b = _opt(bias)
-    cdef floating* coef = <floating*> _alloc(4 * n_chan * sizeof(floating))
+    cdef floating* coef = <floating*> _alloc(3 * n_chan * sizeof(floating))
     try:
         with nogil:
             _eval_coefs(n_chan, w, b, &running_mean[0], &running_var[0],
-                        eps, coef, coef + n_chan, coef + 2 * n_chan, coef + 3 * n_chan)
+                        eps, coef, coef + n_chan, coef + 2 * n_chan)
             for q in prange(planes, schedule="static", num_threads=num_threads):
                 c = q % n_chan
                 _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, coef[c],
-                            coef[n_chan + c], coef[2 * n_chan + c], coef[3 * n_chan + c])
+                            coef[n_chan + c], coef[2 * n_chan + c])
     finally:
         _free(coef)
 
@@ -559,10 +567,9 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef bint need_sums = training or gw != NULL
     cdef floating* coef = NULL
     cdef floating* hi
-    cdef floating* lo
-    cdef floating* k
-    cdef floating* mdy
     cdef floating* a
+    cdef floating* m
+    cdef floating* k
     cdef GradSums* units = NULL
     cdef GradSums zero
     cdef Py_ssize_t block = _channel_block(n_chan, 3 * n_batch * s * sizeof(floating),
@@ -575,12 +582,11 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
         ctr = <double*> _alloc(n_chan * sizeof(double))
         for c in range(n_chan):
             ctr[c] = center[c]
-        coef = <floating*> _alloc(5 * n_chan * sizeof(floating))
+        coef = <floating*> _alloc(4 * n_chan * sizeof(floating))
         hi = coef
-        lo = coef + n_chan
-        k = coef + 2 * n_chan
-        mdy = coef + 3 * n_chan
-        a = coef + 4 * n_chan
+        a = coef + n_chan
+        m = coef + 2 * n_chan
+        k = coef + 3 * n_chan
         units = <GradSums*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(GradSums))
         with nogil:
             if block:
@@ -592,23 +598,22 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                         _block_grad_sums(dy, x, ctr, kb * block, c1, units + n_chan, units)
                     for c in range(kb * block, c1):
                         _finish_backward(c, units[c] if need_sums else zero, ctr[c],
-                                         invstd[c], count, training, w, gw, gb, hi, lo, k,
-                                         mdy, a)
+                                         invstd[c], count, training, w, gw, gb, hi, a, m,
+                                         k)
                     for n in range(n_batch):
                         for c in range(kb * block, c1):
                             _run_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s,
-                                            hi[c], lo[c], k[c], mdy[c], a[c])
+                                            hi[c], a[c], m[c], k[c])
             else:
                 if need_sums:
                     _outer_grad_sums(dy, x, ctr, units + n_chan, units, num_threads)
                 for c in range(n_chan):
                     _finish_backward(c, units[c] if need_sums else zero, ctr[c], invstd[c],
-                                     count, training, w, gw, gb, hi, lo, k, mdy, a)
+                                     count, training, w, gw, gb, hi, a, m, k)
                 for q in prange(planes, schedule="static", num_threads=num_threads):
                     c = q % n_chan
                     _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
-                                    &gx[q // n_chan, c, 0], s, hi[c], lo[c], k[c], mdy[c],
-                                    a[c])
+                                    &gx[q // n_chan, c, 0], s, hi[c], a[c], m[c], k[c])
     finally:
         _free(ctr)
         _free(coef)
@@ -650,7 +655,7 @@ def grad_sums_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
 
 def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                      floating[:, :, ::1] gx, const floating[:, ::1] coef, int num_threads):
-    """``gx = (dy - mdy - ((x - hi) - lo) * a) * k`` with ``coef = [hi, lo, k, mdy, a]`` (5, C)."""
+    """``gx = (dy - (x - hi) * a - m) * k`` with ``coef = [hi, a, m, k]`` of shape (4, C)."""
     cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
     with nogil:
@@ -658,7 +663,7 @@ def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
             c = q % n_chan
             _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
                             &gx[q // n_chan, c, 0], s, coef[0, c], coef[1, c], coef[2, c],
-                            coef[3, c], coef[4, c])
+                            coef[3, c])
 
 
 # ---------------------------------------------------------------------------
@@ -791,19 +796,18 @@ def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
     cdef Moments mo
     try:
         stats = <double*> _alloc(2 * n_chan * sizeof(double))
-        coef = <floating*> _alloc(4 * width * sizeof(floating))
+        coef = <floating*> _alloc(3 * width * sizeof(floating))
         with nogil:
             _inner_moments(&x[0, 0], bl, scratch, stats, stats + n_chan, num_threads)
             for c in range(n_chan):
                 mo.mean = stats[c]
                 mo.m2 = stats[n_chan + c]
                 _finish_train(c, mo, <double> m, eps, momentum, w, b, rm, rv, &save_mean[0],
-                              &save_invstd[0], coef, coef + width, coef + 2 * width,
-                              coef + 3 * width)
-            for c in range(4):
+                              &save_invstd[0], coef, coef + width, coef + 2 * width)
+            for c in range(3):
                 _tile(coef + c * width, n_chan, width)
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + width, coef + 2 * width,
-                          coef + 3 * width, num_threads)
+                          num_threads)
     finally:
         _free(scratch)
         _free(stats)
@@ -823,22 +827,22 @@ def moments_inner(const floating[:, ::1] x, double[::1] mean, double[::1] m2,
 
 
 cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floating* hi,
-                        const floating* lo, const floating* sc, const floating* sh,
+                        const floating* sc, const floating* sh,
                         int num_threads) noexcept nogil:
     cdef Py_ssize_t width = bl.width, r
     for r in prange(bl.body_rows, schedule="static", num_threads=num_threads):
-        _rows_affine(x + r * width, y + r * width, width, hi, lo, sc, sh)
+        _rows_affine(x + r * width, y + r * width, width, hi, sc, sh)
     r = bl.body_rows * width
-    _rows_affine(x + r, y + r, bl.tail * bl.n_chan, hi, lo, sc, sh)
+    _rows_affine(x + r, y + r, bl.tail * bl.n_chan, hi, sc, sh)
 
 
 cdef inline void _rows_affine(const floating* x, floating* y, Py_ssize_t n,
-                              const floating* hi, const floating* lo, const floating* sc,
+                              const floating* hi, const floating* sc,
                               const floating* sh) noexcept nogil:
     if floating is float:
-        rows_affine_f32(x, y, n, hi, lo, sc, sh)
+        rows_affine_f32(x, y, n, hi, sc, sh)
     else:
-        rows_affine_f64(x, y, n, hi, lo, sc, sh)
+        rows_affine_f64(x, y, n, hi, sc, sh)
 
 
 def forward_eval_inner(const floating[:, ::1] x, floating[:, ::1] y,
@@ -851,35 +855,34 @@ def forward_eval_inner(const floating[:, ::1] x, floating[:, ::1] y,
     cdef Py_ssize_t width = bl.width
     cdef const floating* w = _opt(weight)
     cdef const floating* b = _opt(bias)
-    cdef floating* coef = <floating*> _alloc(4 * width * sizeof(floating))
+    cdef floating* coef = <floating*> _alloc(3 * width * sizeof(floating))
     try:
         with nogil:
             _eval_coefs(n_chan, w, b, &running_mean[0], &running_var[0],
-                        eps, coef, coef + width, coef + 2 * width, coef + 3 * width)
-            for c in range(4):
+                        eps, coef, coef + width, coef + 2 * width)
+            for c in range(3):
                 _tile(coef + c * width, n_chan, width)
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + width, coef + 2 * width,
-                          coef + 3 * width, num_threads)
+                          num_threads)
     finally:
         _free(coef)
 
 
 def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,
-                 const floating[::1] hi, const floating[::1] lo,
-                 const floating[::1] scale, const floating[::1] shift, int num_threads):
-    """``y[r, c] = ((x[r, c] - hi[c]) - lo[c]) * scale[c] + shift[c]``."""
+                 const floating[::1] hi, const floating[::1] scale,
+                 const floating[::1] shift, int num_threads):
+    """``y[r, c] = (x[r, c] - hi[c]) * scale[c] + shift[c]``."""
     cdef Py_ssize_t n_chan = x.shape[1], j
     cdef Blocks bl = _blocks(x.shape[0], n_chan)
-    cdef floating* coef = <floating*> _alloc(4 * bl.width * sizeof(floating))
+    cdef floating* coef = <floating*> _alloc(3 * bl.width * sizeof(floating))
     try:
         with nogil:
             for j in range(bl.width):
                 coef[j] = hi[j % n_chan]
-                coef[bl.width + j] = lo[j % n_chan]
-                coef[2 * bl.width + j] = scale[j % n_chan]
-                coef[3 * bl.width + j] = shift[j % n_chan]
+                coef[bl.width + j] = scale[j % n_chan]
+                coef[2 * bl.width + j] = shift[j % n_chan]
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + bl.width,
-                          coef + 2 * bl.width, coef + 3 * bl.width, num_threads)
+                          coef + 2 * bl.width, num_threads)
     finally:
         _free(coef)
 
@@ -924,17 +927,15 @@ cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
 
 cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* pgx,
                             Blocks bl, const floating* coef, int num_threads) noexcept nogil:
-    """grad_input over an (M, C) array; ``coef`` = [hi | lo | k | mdy | a], each tiled to P."""
+    """grad_input over an (M, C) array; ``coef`` = [hi | a | m | k], each tiled to P."""
     cdef Py_ssize_t width = bl.width, i
     cdef const floating* hi = coef
-    cdef const floating* lo = coef + width
-    cdef const floating* k = coef + 2 * width
-    cdef const floating* mdy = coef + 3 * width
-    cdef const floating* a = coef + 4 * width
+    cdef const floating* a = coef + width
+    cdef const floating* m = coef + 2 * width
+    cdef const floating* k = coef + 3 * width
     for i in prange(bl.body_rows, schedule="static", num_threads=num_threads):
-        _rows_grad_input(pdy, px, pgx, i * width, width, hi, lo, k, mdy, a)
-    _rows_grad_input(pdy, px, pgx, bl.body_rows * width, bl.tail * bl.n_chan, hi, lo, k, mdy,
-                     a)
+        _rows_grad_input(pdy, px, pgx, i * width, width, hi, a, m, k)
+    _rows_grad_input(pdy, px, pgx, bl.body_rows * width, bl.tail * bl.n_chan, hi, a, m, k)
 
 
 def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
@@ -956,7 +957,7 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
     try:
         ctr = <double*> _alloc(width * sizeof(double))
         sums = <GradSums*> _alloc(n_chan * sizeof(GradSums))
-        coef = <floating*> _alloc(5 * width * sizeof(floating))
+        coef = <floating*> _alloc(4 * width * sizeof(floating))
         with nogil:
             for j in range(width):
                 ctr[j] = center[j % n_chan]
@@ -966,9 +967,8 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                 memset(sums, 0, n_chan * sizeof(GradSums))
             for c in range(n_chan):
                 _finish_backward(c, sums[c], ctr[c], invstd[c], <double> m, training, w, gw,
-                                 gb, coef, coef + width, coef + 2 * width, coef + 3 * width,
-                                 coef + 4 * width)
-            for c in range(5):
+                                 gb, coef, coef + width, coef + 2 * width, coef + 3 * width)
+            for c in range(4):
                 _tile(coef + c * width, n_chan, width)
             _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, coef, num_threads)
     finally:
@@ -1005,13 +1005,13 @@ def grad_sums_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
 
 def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                      floating[:, ::1] gx, const floating[:, ::1] coef, int num_threads):
-    """``gx = (dy - mdy - ((x - hi) - lo) * a) * k`` with ``coef = [hi, lo, k, mdy, a]`` (5, C)."""
+    """``gx = (dy - (x - hi) * a - m) * k`` with ``coef = [hi, a, m, k]`` of shape (4, C)."""
     cdef Py_ssize_t n_chan = x.shape[1], c, j
     cdef Blocks bl = _blocks(x.shape[0], n_chan)
-    cdef floating* tiled = <floating*> _alloc(5 * bl.width * sizeof(floating))
+    cdef floating* tiled = <floating*> _alloc(4 * bl.width * sizeof(floating))
     try:
         with nogil:
-            for c in range(5):
+            for c in range(4):
                 for j in range(bl.width):
                     tiled[c * bl.width + j] = coef[c, j % n_chan]
             _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, tiled, num_threads)
@@ -1021,12 +1021,12 @@ def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
 
 cdef inline void _rows_grad_input(const floating* dy, const floating* x, floating* gx,
                                   Py_ssize_t off, Py_ssize_t n, const floating* hi,
-                                  const floating* lo, const floating* k, const floating* mdy,
-                                  const floating* a) noexcept nogil:
+                                  const floating* a, const floating* m,
+                                  const floating* k) noexcept nogil:
     if floating is float:
-        rows_grad_input_f32(dy + off, x + off, gx + off, n, hi, lo, k, mdy, a)
+        rows_grad_input_f32(dy + off, x + off, gx + off, n, hi, a, m, k)
     else:
-        rows_grad_input_f64(dy + off, x + off, gx + off, n, hi, lo, k, mdy, a)
+        rows_grad_input_f64(dy + off, x + off, gx + off, n, hi, a, m, k)
 
 
 # ---------------------------------------------------------------------------

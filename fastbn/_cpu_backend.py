@@ -64,10 +64,11 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out
 def forward_eval(x, weight, bias, running_mean, running_var, eps, out=None):
     """Normalize with the running statistics: one read and one write of ``x``.
 
-    The kernel computes ``((x - running_mean) - 0) * scale + bias`` with
+    The kernel computes ``(x - running_mean) * scale + bias`` with
     ``scale = weight / sqrt(running_var + eps)`` formed in float64: subtracting
     the mean before scaling keeps full precision when ``|running_mean|`` dwarfs
-    the spread of ``x``, for the price of one subtraction per value.
+    the spread of ``x``, for the price of one subtraction per value (the
+    one-FMA form ``x * scale + shift`` loses ``|mean| / std`` ulps).
     """
     p = _plan(np, x)
     y, y_view = p.output(np, x.dtype, out)
@@ -123,11 +124,13 @@ def normalize(x, mean, invstd, weight, bias):
     p = _plan(np, x)
     y, y_view = p.empty_output(np, x.dtype)
     if p.count:
+        # the coefficients of the fused kernels' (x - hi) * scale + shift, with the
+        # same float64 operations, so both give the same bits
         hi = mean.astype(x.dtype)
-        lo = (mean - hi).astype(x.dtype)
+        lo = mean - hi
         scale = invstd if weight is None else invstd * weight
-        shift = np.zeros(p.shape[1], x.dtype) if bias is None else _contig(bias)
-        _AFFINE[p.kind](p.view, y_view, hi, lo, scale.astype(x.dtype), shift,
+        shift = 0.0 - lo * scale if bias is None else bias - lo * scale
+        _AFFINE[p.kind](p.view, y_view, hi, scale.astype(x.dtype), shift.astype(x.dtype),
                         threads_for(x.size))
     return y
 
@@ -151,12 +154,13 @@ def grad_input(gy, x, weight, mean, invstd, sum_dy, sum_dyx, count):
     p = _plan(np, x)
     gx, gx_view = p.empty_output(np, x.dtype)
     if p.count:
+        # (dy - (x - hi) * slope - m) * k, as in the fused kernels
         hi = mean.astype(x.dtype)
-        coef = np.empty((5, p.shape[1]), x.dtype)
+        slope = sum_dyx * invstd * invstd / count
+        coef = np.empty((4, p.shape[1]), x.dtype)
         coef[0] = hi
-        coef[1] = mean - hi
-        coef[2] = invstd if weight is None else invstd * weight
-        coef[3] = sum_dy / count
-        coef[4] = sum_dyx * invstd * invstd / count
+        coef[1] = slope
+        coef[2] = sum_dy / count - (mean - hi) * slope
+        coef[3] = invstd if weight is None else invstd * weight
         _GRAD_INPUT[p.kind](p.conform(np, gy), p.view, gx_view, coef, threads_for(x.size))
     return gx

@@ -185,11 +185,11 @@ FASTBN_KERNEL fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p
     return r;                                                                               \
 }                                                                                           \
                                                                                             \
-/* y = ((x - hi) - lo) * sc + sh, per-run scalar coefficients. */                           \
+/* y = (x - hi) * sc + sh, per-run scalar coefficients. */                                   \
 FASTBN_KERNEL void fastbn_run_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
-                                           ptrdiff_t n, T hi, T lo, T sc, T sh) {           \
+                                           ptrdiff_t n, T hi, T sc, T sh) {                 \
     for (ptrdiff_t i = 0; i < n; i++)                                                       \
-        y[i] = ((x[i] - hi) - lo) * sc + sh;                                                \
+        y[i] = (x[i] - hi) * sc + sh;                                                       \
 }                                                                                           \
                                                                                             \
 /* acc + [sum dy, sum dy * (x - c), sum (x - c)] over n values. */                          \
@@ -210,12 +210,12 @@ FASTBN_KERNEL fastbn_gradsums fastbn_run_grad_sums_##SUF(const T *FASTBN_RESTRIC
     return acc;                                                                             \
 }                                                                                           \
                                                                                             \
-/* gx = (dy - mdy - ((x - hi) - lo) * a) * k, per-run scalar coefficients. */               \
+/* gx = (dy - (x - hi) * a - m) * k, per-run scalar coefficients. */                        \
 FASTBN_KERNEL void fastbn_run_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                 \
-        const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n, T hi, T lo, T k,    \
-        T mdy, T a) {                                                                       \
+        const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n, T hi, T a, T m,     \
+        T k) {                                                                              \
     for (ptrdiff_t i = 0; i < n; i++)                                                       \
-        gx[i] = (dy[i] - mdy - ((x[i] - hi) - lo) * a) * k;                                 \
+        gx[i] = (dy[i] - (x[i] - hi) * a - m) * k;                                          \
 }                                                                                           \
                                                                                             \
 /* Column sums of (x - first row) and its square over rows [r0, r1) of width w. */          \
@@ -255,15 +255,15 @@ FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrd
     }                                                                                       \
 }                                                                                           \
                                                                                             \
-/* y = ((x - hi) - lo) * sc + sh over n values with per-column coefficients. */             \
+/* y = (x - hi) * sc + sh over n values with per-column coefficients. */                    \
 FASTBN_KERNEL void fastbn_rows_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
-        ptrdiff_t n, const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT lo,              \
-        const T *FASTBN_RESTRICT sc, const T *FASTBN_RESTRICT sh) {                         \
+        ptrdiff_t n, const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT sc,              \
+        const T *FASTBN_RESTRICT sh) {                                                      \
     ptrdiff_t ahead = FASTBN_AHEAD(T, n) * n;                                               \
     for (ptrdiff_t k = 0; k < n; k += FASTBN_LINE_VALUES(T))                                \
         FASTBN_PREFETCH(x + ahead + k);                                                     \
     for (ptrdiff_t j = 0; j < n; j++)                                                       \
-        y[j] = ((x[j] - hi[j]) - lo[j]) * sc[j] + sh[j];                                    \
+        y[j] = (x[j] - hi[j]) * sc[j] + sh[j];                                              \
 }                                                                                           \
                                                                                             \
 /* Column sums [dy | dy * (x - c) | (x - c)] over rows [r0, r1) of width w into out[3w]. */ \
@@ -303,18 +303,18 @@ FASTBN_KERNEL void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,     
     }                                                                                       \
 }                                                                                           \
                                                                                             \
-/* gx = (dy - mdy - ((x - hi) - lo) * a) * k over n values, per-column coefficients. */     \
+/* gx = (dy - (x - hi) * a - m) * k over n values, per-column coefficients. */              \
 FASTBN_KERNEL void fastbn_rows_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                \
         const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n,                     \
-        const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT lo, const T *FASTBN_RESTRICT k,\
-        const T *FASTBN_RESTRICT mdy, const T *FASTBN_RESTRICT a) {                         \
+        const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT a, const T *FASTBN_RESTRICT m,\
+        const T *FASTBN_RESTRICT k) {                                                       \
     ptrdiff_t ahead = FASTBN_AHEAD(T, n) * n;                                               \
     for (ptrdiff_t k = 0; k < n; k += FASTBN_LINE_VALUES(T)) {                              \
         FASTBN_PREFETCH(dy + ahead + k);                                                    \
         FASTBN_PREFETCH(x + ahead + k);                                                     \
     }                                                                                       \
     for (ptrdiff_t j = 0; j < n; j++)                                                       \
-        gx[j] = (dy[j] - mdy[j] - ((x[j] - hi[j]) - lo[j]) * a[j]) * k[j];                  \
+        gx[j] = (dy[j] - (x[j] - hi[j]) * a[j] - m[j]) * k[j];                              \
 }
 
 FASTBN_DEFINE_KERNELS(float, f32)

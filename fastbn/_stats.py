@@ -5,27 +5,8 @@ update is the same code on both devices.
 """
 
 
-def split_hi_lo(xp, value64, dtype):
-    """Split float64 ``value64`` into ``hi + lo`` of ``dtype``.
-
-    ``(x - hi) - lo`` then equals ``x - value64`` to the precision of ``dtype``
-    relative to ``|x - value64|``, even when ``|value64|`` is huge.
-    """
-    hi = value64.astype(dtype)
-    lo = (value64 - hi.astype(xp.float64)).astype(dtype)
-    return hi, lo
-
-
 def invstd_from_var(xp, var64, eps):
     return 1.0 / xp.sqrt(var64 + eps)
-
-
-def affine_coefficients(xp, mean64, invstd64, weight, bias, dtype):
-    """(hi, lo, scale, shift) with ``y = ((x - hi) - lo) * scale + shift``."""
-    hi, lo = split_hi_lo(xp, mean64, dtype)
-    scale = invstd64 if weight is None else invstd64 * weight.astype(xp.float64)
-    shift = xp.zeros(mean64.shape, dtype) if bias is None else bias.astype(dtype, copy=False)
-    return hi, lo, scale.astype(dtype), xp.ascontiguousarray(shift)
 
 
 def update_running_stats(xp, running_mean, running_var, mean64, m2_64, count, momentum):
