@@ -311,24 +311,30 @@ cdef inline GradSums _add_sums(GradSums a, GradSums b) noexcept nogil:
     return a
 
 
+cdef inline Moments _merge_units(const Moments* units, Py_ssize_t c, Py_ssize_t n_chan,
+                                 Py_ssize_t n_batch, Py_ssize_t s) noexcept nogil:
+    """Channel c's (group, channel) units merged in group order."""
+    cdef Py_ssize_t groups = _n_groups(n_batch), g, n0, n1
+    cdef Moments acc = units[c]
+    for g in range(1, groups):
+        n0 = _group_start(g, n_batch, groups)
+        n1 = _group_start(g + 1, n_batch, groups)
+        acc = _chan_merge(acc, <double> (n0 * s), units[g * n_chan + c],
+                          <double> ((n1 - n0) * s))
+    return acc
+
+
 cdef void _outer_moments(const floating[:, :, ::1] x, Moments* units, Moments* out,
                          int num_threads) noexcept nogil:
     """Per-channel moments via (group, channel) units, units in parallel."""
     cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t groups = _n_groups(n_batch), q, g, c, n0, n1
-    cdef Moments acc
+    cdef Py_ssize_t groups = _n_groups(n_batch), q, g, c
     for q in prange(groups * n_chan, schedule="static", num_threads=num_threads):
         g = q // n_chan
         units[q] = _unit_moments(x, q % n_chan, _group_start(g, n_batch, groups),
                                  _group_start(g + 1, n_batch, groups))
-    for c in range(n_chan):
-        acc = units[c]
-        for g in range(1, groups):
-            n0 = _group_start(g, n_batch, groups)
-            n1 = _group_start(g + 1, n_batch, groups)
-            acc = _chan_merge(acc, <double> (n0 * s), units[g * n_chan + c],
-                              <double> ((n1 - n0) * s))
-        out[c] = acc
+    for c in prange(n_chan, schedule="static", num_threads=num_threads):
+        out[c] = _merge_units(units, c, n_chan, n_batch, s)
 
 
 cdef void _outer_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -702,12 +708,12 @@ cdef Blocks _blocks(Py_ssize_t m, Py_ssize_t n_chan) noexcept nogil:
     return bl
 
 
-cdef inline void _block_bounds(Blocks bl, Py_ssize_t blk, Py_ssize_t* r0,
-                               Py_ssize_t* r1) noexcept nogil:
-    r0[0] = blk * bl.rows_per_block
-    r1[0] = r0[0] + bl.rows_per_block
-    if r1[0] > bl.body_rows:
-        r1[0] = bl.body_rows
+# Block bounds are returned by value and assigned in the loop body: inside a prange
+# that makes them private to the thread (written through a pointer, they would be
+# shared between threads).
+cdef inline Py_ssize_t _block_end(Blocks bl, Py_ssize_t blk) noexcept nogil:
+    cdef Py_ssize_t end = (blk + 1) * bl.rows_per_block
+    return end if end < bl.body_rows else bl.body_rows
 
 
 cdef inline void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_t r0,
@@ -719,51 +725,64 @@ cdef inline void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_
         rows_moments_f64(base, width, r0, r1, su, sq, first)
 
 
+cdef inline Moments _group_moments(double tot, double sq, double first,
+                                  double cnt) noexcept nogil:
+    """Moments of a group from its sums around its first value."""
+    cdef Moments g
+    g.mean = first + tot / cnt
+    g.m2 = sq - tot * (tot / cnt)
+    if g.m2 < 0:
+        g.m2 = 0
+    return g
+
+
+cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* su,
+                                   const double* sq, const double* first) noexcept nogil:
+    """Merge channel c's groups: blocks in order, folded columns in order, then the tail."""
+    cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width, fold = width // n_chan
+    cdef Py_ssize_t blk, f, j
+    cdef double cnt, seen = 0
+    cdef Moments acc, grp
+    acc.mean = 0
+    acc.m2 = 0
+    for blk in range(bl.blocks):
+        cnt = <double> (_block_end(bl, blk) - blk * bl.rows_per_block)
+        for f in range(fold):
+            j = blk * width + c + f * n_chan
+            grp = _group_moments(su[j], sq[j], first[j], cnt)
+            acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
+            seen = seen + cnt
+    if bl.tail > 0:
+        j = bl.blocks * width + c
+        cnt = <double> bl.tail
+        grp = _group_moments(su[j], sq[j], first[j], cnt)
+        acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
+    return acc
+
+
 cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, double* mean,
                          double* m2, int num_threads) noexcept nogil:
     """Per-channel mean and M2 of an (M, C) array; ``scratch`` holds 3 * (blocks + 1) * P."""
-    cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width, fold = width // n_chan
-    cdef Py_ssize_t groups = bl.blocks + 1, blk, r0, r1, c, j, f
+    cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width
+    cdef Py_ssize_t groups = bl.blocks + 1, blk, r0, c
     # per group (blocks, then the tail): column sums and squares around its first row
     cdef double* su = scratch
     cdef double* sq = scratch + groups * width
     cdef double* first = scratch + 2 * groups * width
     cdef const floating* tail = base + bl.body_rows * width
-    cdef double cnt, seen, tot
-    cdef Moments acc, grp
+    cdef Moments mo
     for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
-        _block_bounds(bl, blk, &r0, &r1)
-        _rows_moments(base, width, r0, r1, &su[blk * width], &sq[blk * width],
-                      &first[blk * width])
+        r0 = blk * bl.rows_per_block
+        _rows_moments(base, width, r0, _block_end(bl, blk), &su[blk * width],
+                      &sq[blk * width], &first[blk * width])
     if bl.tail > 0:
         _rows_moments(tail, n_chan, 0, bl.tail, &su[bl.blocks * width],
                       &sq[bl.blocks * width], &first[bl.blocks * width])
-    for c in range(n_chan):
-        seen = 0
-        acc.mean = 0
-        acc.m2 = 0
-        for blk in range(bl.blocks):
-            _block_bounds(bl, blk, &r0, &r1)
-            cnt = <double> (r1 - r0)
-            for f in range(fold):
-                j = c + f * n_chan
-                tot = su[blk * width + j]
-                grp.mean = first[blk * width + j] + tot / cnt
-                grp.m2 = sq[blk * width + j] - tot * (tot / cnt)
-                if grp.m2 < 0:
-                    grp.m2 = 0
-                acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
-                seen = seen + cnt
-        if bl.tail > 0:
-            cnt = <double> bl.tail
-            tot = su[bl.blocks * width + c]
-            grp.mean = first[bl.blocks * width + c] + tot / cnt
-            grp.m2 = sq[bl.blocks * width + c] - tot * (tot / cnt)
-            if grp.m2 < 0:
-                grp.m2 = 0
-            acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
-        mean[c] = acc.mean
-        m2[c] = acc.m2
+    # the merges (two divisions each) add up for wide C: channels in parallel
+    for c in prange(n_chan, schedule="static", num_threads=num_threads):
+        mo = _inner_channel(bl, c, su, sq, first)
+        mean[c] = mo.mean
+        m2[c] = mo.m2
 
 
 cdef double* _inner_scratch(Blocks bl, Py_ssize_t per_group) except NULL:
@@ -896,33 +915,43 @@ cdef inline void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize
         rows_grad_sums_f64(dy, x, width, r0, r1, center, out)
 
 
+cdef inline GradSums _inner_channel_sums(Blocks bl, Py_ssize_t c,
+                                        const double* part) noexcept nogil:
+    """Sum channel c's partials: blocks in order, folded columns in order, then the tail."""
+    cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width, fold = width // n_chan
+    cdef Py_ssize_t blk, f, i
+    cdef GradSums acc
+    acc.dy = 0
+    acc.dyx = 0
+    acc.x = 0
+    for blk in range(bl.blocks):
+        for f in range(fold):
+            i = 3 * blk * width + c + f * n_chan
+            acc.dy += part[i]
+            acc.dyx += part[i + width]
+            acc.x += part[i + 2 * width]
+    if bl.tail > 0:
+        i = 3 * bl.blocks * width + c
+        acc.dy += part[i]
+        acc.dyx += part[i + n_chan]
+        acc.x += part[i + 2 * n_chan]
+    return acc
+
+
 cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
                            const double* ctr, double* part, GradSums* out,
                            int num_threads) noexcept nogil:
     """Per-channel GradSums of (M, C) arrays around ``ctr`` (the center tiled over P)."""
-    cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width, fold = width // n_chan
-    cdef Py_ssize_t off = bl.body_rows * width, blk, r0, r1, c, f, i
+    cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width
+    cdef Py_ssize_t off = bl.body_rows * width, blk, r0, c
     for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
-        _block_bounds(bl, blk, &r0, &r1)
-        _rows_grad_sums(pdy, px, width, r0, r1, ctr, &part[3 * blk * width])
+        r0 = blk * bl.rows_per_block
+        _rows_grad_sums(pdy, px, width, r0, _block_end(bl, blk), ctr, &part[3 * blk * width])
     if bl.tail > 0:
         _rows_grad_sums(pdy + off, px + off, n_chan, 0, bl.tail, ctr,
                         &part[3 * bl.blocks * width])
-    for c in range(n_chan):
-        out[c].dy = 0
-        out[c].dyx = 0
-        out[c].x = 0
-        for blk in range(bl.blocks):
-            for f in range(fold):
-                i = 3 * blk * width + c + f * n_chan
-                out[c].dy += part[i]
-                out[c].dyx += part[i + width]
-                out[c].x += part[i + 2 * width]
-        if bl.tail > 0:
-            i = 3 * bl.blocks * width + c
-            out[c].dy += part[i]
-            out[c].dyx += part[i + n_chan]
-            out[c].x += part[i + 2 * n_chan]
+    for c in prange(n_chan, schedule="static", num_threads=num_threads):
+        out[c] = _inner_channel_sums(bl, c, part)
 
 
 cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* pgx,
