@@ -20,23 +20,14 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
-
 import numpy as np
 
-MODES = ("train", "eval", "backward")
-MOVES = {"train": 2, "eval": 2, "backward": 3}
+# Case, the modes and the bytes each mode must move are the CPU bench's.
+from .bench import MODES, MOVES, Case
+
 ROTATE_BYTES = 256 << 20      # well above the L2 of H100/H200 (50 MB)
 EPS = 1e-5
 MOMENTUM = 0.1
-
-
-@dataclass
-class Case:
-    name: str
-    shape: tuple
-    layout: str          # "nchw" (C order), "channels_last", "nc" (2-D)
-    quick: bool = False
 
 
 CASES = [

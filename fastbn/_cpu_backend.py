@@ -5,8 +5,6 @@ picks the kernel for the input's memory layout and makes one kernel call; the
 per-channel arithmetic (statistics, running-stat update, coefficients) happens
 inside the kernel, in float64.
 """
-import os
-
 import numpy as np
 
 from . import _cpu

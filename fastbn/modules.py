@@ -4,7 +4,7 @@ from collections import OrderedDict, namedtuple
 import numpy as np
 
 from . import _validation as v
-from ._array import is_cupy_array, namespace, to_numpy
+from ._array import is_cupy_array, to_numpy
 from .functional import batch_norm_backward, batch_norm_forward
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

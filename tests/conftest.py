@@ -9,7 +9,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 @pytest.fixture(autouse=True)
 def _restore_threads():
     """Tests that change the thread count must not leak it into others."""
-    import fastbn
     from fastbn import _threads
 
     saved = _threads._num_threads

@@ -41,3 +41,13 @@ def is_channels_last(a):
 def tol(dtype):
     """(rtol, atol) for comparing against PyTorch in ``dtype``."""
     return (1e-4, 1e-5) if np.dtype(dtype) == np.float32 else (1e-10, 1e-12)
+
+
+def params(c, dtype, seed=1):
+    """Random (weight, bias, running_mean, running_var) for ``c`` channels."""
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(0.5, 1.5, c).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    rm = rng.standard_normal(c).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, c).astype(dtype)
+    return w, b, rm, rv

@@ -4,21 +4,12 @@ import pytest
 
 import fastbn
 import reference as ref
-from helpers import LAYOUTS, is_channels_last, make, tol
+from helpers import LAYOUTS, is_channels_last, make, params, tol
 
 torch = pytest.importorskip("torch")
 
 SHAPES = [(16, 5), (7, 3, 11), (4, 6, 5, 7), (2, 3, 4, 5, 6), (3, 4, 1, 1), (1, 3, 9), (5, 2, 1)]
 DTYPES = [np.float32, np.float64]
-
-
-def _params(c, dtype, seed=1):
-    rng = np.random.default_rng(seed)
-    w = rng.uniform(0.5, 1.5, c).astype(dtype)
-    b = rng.standard_normal(c).astype(dtype)
-    rm = rng.standard_normal(c).astype(dtype)
-    rv = rng.uniform(0.5, 2.0, c).astype(dtype)
-    return w, b, rm, rv
 
 
 def _torch_forward_backward(x, w, b, rm, rv, training, momentum, eps, gy):
@@ -50,7 +41,7 @@ def test_forward_backward_matches_torch(shape, dtype, training, affine):
     c = shape[1]
     x = make(shape, dtype, offset=0.5, scale=2.0, seed=3)
     gy = make(shape, dtype, seed=4)
-    w, b, rm, rv = _params(c, dtype)
+    w, b, rm, rv = params(c, dtype)
     if not affine:
         w = b = None
     mine_rm, mine_rv = rm.copy(), rv.copy()
@@ -86,7 +77,7 @@ def test_layouts_match_reference(layout, shape, dtype):
         pytest.skip("(N, C) is already channel-inner")
     x = make(shape, dtype, offset=-2.0, scale=3.0, seed=5, layout=layout)
     gy = make(shape, dtype, seed=6, layout=layout)
-    w, b, _, _ = _params(shape[1], dtype)
+    w, b, _, _ = params(shape[1], dtype)
     y, sm, si = fastbn.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)
     ry, mean, var = ref.forward_train(x, w, b, 1e-5)
     _close(y, ry, dtype)
@@ -190,7 +181,7 @@ def test_n1_with_spatial_is_valid_in_training():
 def test_eval_backward_uses_running_stats():
     x = make((6, 3, 4), np.float64, seed=14)
     gy = make((6, 3, 4), np.float64, seed=15)
-    w, b, rm, rv = _params(3, np.float64)
+    w, b, rm, rv = params(3, np.float64)
     gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, rm, rv, None, None, False, 1e-3)
     rgx, rgw, rgb = ref.backward(gy, x, w, rm, rv, 1e-3, False)
     np.testing.assert_allclose(gx, rgx, rtol=1e-12)
@@ -211,7 +202,7 @@ def test_out_argument(layout, out_layout):
     shape = (4, 3, 5, 6)
     x = make(shape, np.float32, offset=2.0, seed=61, layout=layout)
     gy = make(shape, np.float32, seed=62, layout=layout)
-    w, b, _, _ = _params(3, np.float32)
+    w, b, _, _ = params(3, np.float32)
     y, sm, si = fastbn.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)
     gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, None, None, sm, si, True, 1e-5)
     out = make(shape, np.float32, seed=63, layout=out_layout)
@@ -263,7 +254,7 @@ def test_strided_per_channel_arrays():
     """Weight, bias and running stats may be strided views; running stats update in place."""
     x = make((8, 3, 5), np.float32, offset=1.0, seed=71)
     gy = make((8, 3, 5), np.float32, seed=72)
-    w, b, rm, rv = _params(3, np.float32)
+    w, b, rm, rv = params(3, np.float32)
     views = [np.zeros(6, np.float32)[::2] for _ in range(4)]
     for view, value in zip(views, (w, b, rm, rv)):
         view[...] = value

@@ -37,7 +37,7 @@ if not isinstance(_count, int) or _count < 1:
 import fastbn                      # noqa: E402
 import reference as ref            # noqa: E402
 from fastbn import _gpu            # noqa: E402
-from helpers import is_channels_last, make, tol   # noqa: E402
+from helpers import is_channels_last, make, params, tol   # noqa: E402
 
 try:
     import torch
@@ -88,15 +88,6 @@ def host(a):
 def close(got, want, dtype, scale=1.0):
     rtol, atol = tol(dtype)
     np.testing.assert_allclose(host(got), want, rtol=rtol, atol=atol * scale)
-
-
-def params(c, dtype, seed=1):
-    rng = np.random.default_rng(seed)
-    w = rng.uniform(0.5, 1.5, c).astype(dtype)
-    b = rng.standard_normal(c).astype(dtype)
-    rm = rng.standard_normal(c).astype(dtype)
-    rv = rng.uniform(0.5, 2.0, c).astype(dtype)
-    return w, b, rm, rv
 
 
 def run_fastbn(x, gy, w, b, rm, rv, training, momentum=0.1, eps=EPS):
