@@ -124,9 +124,10 @@ def normalize(x, mean, invstd, weight, bias):
     if p.count:
         # the coefficients of the fused kernels' (x - hi) * scale + shift, with the
         # same float64 operations, so both give the same bits
-        hi = mean.astype(x.dtype)
-        lo = mean - hi
         scale = invstd if weight is None else invstd * weight
+        near = np.abs(mean * scale) <= _cpu.FMA_SAFE_LIMIT     # see _set_coefs in _cpu.pyx
+        hi = np.where(near, 0.0, mean).astype(x.dtype)
+        lo = np.where(near, mean, mean - hi)             # what x - hi leaves to the shift
         shift = 0.0 - lo * scale if bias is None else bias - lo * scale
         _AFFINE[p.kind](p.view, y_view, hi, scale.astype(x.dtype), shift.astype(x.dtype),
                         threads_for(x.size))

@@ -185,11 +185,16 @@ FASTBN_KERNEL fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p
     return r;                                                                               \
 }                                                                                           \
                                                                                             \
-/* y = (x - hi) * sc + sh, per-run scalar coefficients. */                                   \
+/* y = (x - hi) * sc + sh, per-run scalar coefficients (hi == 0: one multiply-add). */     \
 FASTBN_KERNEL void fastbn_run_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
                                            ptrdiff_t n, T hi, T sc, T sh) {                 \
-    for (ptrdiff_t i = 0; i < n; i++)                                                       \
-        y[i] = (x[i] - hi) * sc + sh;                                                       \
+    if (hi == 0) {                                                                          \
+        for (ptrdiff_t i = 0; i < n; i++)                                                   \
+            y[i] = x[i] * sc + sh;                                                          \
+    } else {                                                                                \
+        for (ptrdiff_t i = 0; i < n; i++)                                                   \
+            y[i] = (x[i] - hi) * sc + sh;                                                   \
+    }                                                                                       \
 }                                                                                           \
                                                                                             \
 /* acc + [sum dy, sum dy * (x - c), sum (x - c)] over n values. */                          \
@@ -255,15 +260,21 @@ FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrd
     }                                                                                       \
 }                                                                                           \
                                                                                             \
-/* y = (x - hi) * sc + sh over n values with per-column coefficients. */                    \
+/* y = (x - hi) * sc + sh over n values with per-column coefficients; hi == NULL stands  \
+   for all zeros (one multiply-add a value, one coefficient array less to stream). */      \
 FASTBN_KERNEL void fastbn_rows_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
         ptrdiff_t n, const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT sc,              \
         const T *FASTBN_RESTRICT sh) {                                                      \
     ptrdiff_t ahead = FASTBN_AHEAD(T, n) * n;                                               \
     for (ptrdiff_t k = 0; k < n; k += FASTBN_LINE_VALUES(T))                                \
         FASTBN_PREFETCH(x + ahead + k);                                                     \
-    for (ptrdiff_t j = 0; j < n; j++)                                                       \
-        y[j] = (x[j] - hi[j]) * sc[j] + sh[j];                                              \
+    if (hi == NULL) {                                                                       \
+        for (ptrdiff_t j = 0; j < n; j++)                                                   \
+            y[j] = x[j] * sc[j] + sh[j];                                                    \
+    } else {                                                                                \
+        for (ptrdiff_t j = 0; j < n; j++)                                                   \
+            y[j] = (x[j] - hi[j]) * sc[j] + sh[j];                                          \
+    }                                                                                       \
 }                                                                                           \
                                                                                             \
 /* Column sums [dy | dy * (x - c) | (x - c)] over rows [r0, r1) of width w into out[3w]. */ \

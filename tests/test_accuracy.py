@@ -73,3 +73,27 @@ def test_fastbn_beats_torch_at_large_offset():
     err_theirs = _relative_error(theirs, ry, 1.0)
     assert err_mine < 2e-6
     assert err_mine * 100 < err_theirs
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(16, 6, 9, 7), (512, 6)])
+def test_channels_with_small_and_large_means_together(shape, layout):
+    """Small-mean channels take the one multiply-add form, large-mean ones subtract first."""
+    if layout == "channels_last" and len(shape) == 2:
+        pytest.skip("(N, C) is already channel-inner")
+    offsets = np.array([0.0, 1e6, 3.0, -1e4, 4.5, 1e2])
+    bcast = offsets.reshape((1, -1) + (1,) * (len(shape) - 2))
+    x = make(shape, np.float64, seed=26)
+    x = (x + bcast).astype(np.float32)
+    from helpers import relayout
+    x = relayout(x, layout)
+    w = np.linspace(0.5, 3, 6).astype(np.float32)
+    b = np.linspace(-1, 1, 6).astype(np.float32)
+    y = fastbn.batch_norm(x, None, None, w, b, training=True)
+    ry, mean, var = ref.forward_train(x, w, b, 1e-5)
+    assert _relative_error(y, ry, w.astype(np.float64)) < 2e-6
+    rv = (var * 2).astype(np.float32)
+    rm = mean.astype(np.float32)
+    ye = fastbn.batch_norm(x, rm, rv, w, b)
+    rye = ref.forward(x, w, b, rm.astype(np.float64), rv.astype(np.float64), 1e-5)
+    assert _relative_error(ye, rye, w.astype(np.float64)) < 2e-6
