@@ -28,7 +28,7 @@
 #define FASTBN_LANES 8
 
 /*
- * The row kernels of the channel-inner layout read several rows in one sweep;
+ * The row reductions of the channel-inner layout read several rows in one sweep;
  * on the machines measured the hardware prefetchers did not keep up with that
  * pattern (a 4-row sweep over 512-byte rows ran at a third of the speed of the
  * same bytes read as one run), and a software prefetch about 8 KiB ahead of
@@ -265,9 +265,6 @@ FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrd
 FASTBN_KERNEL void fastbn_rows_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
         ptrdiff_t n, const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT sc,              \
         const T *FASTBN_RESTRICT sh) {                                                      \
-    ptrdiff_t ahead = FASTBN_AHEAD(T, n) * n;                                               \
-    for (ptrdiff_t k = 0; k < n; k += FASTBN_LINE_VALUES(T))                                \
-        FASTBN_PREFETCH(x + ahead + k);                                                     \
     if (hi == NULL) {                                                                       \
         for (ptrdiff_t j = 0; j < n; j++)                                                   \
             y[j] = x[j] * sc[j] + sh[j];                                                    \
@@ -319,11 +316,6 @@ FASTBN_KERNEL void fastbn_rows_grad_input_##SUF(const T *FASTBN_RESTRICT dy,    
         const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n,                     \
         const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT a, const T *FASTBN_RESTRICT m,\
         const T *FASTBN_RESTRICT k) {                                                       \
-    ptrdiff_t ahead = FASTBN_AHEAD(T, n) * n;                                               \
-    for (ptrdiff_t k = 0; k < n; k += FASTBN_LINE_VALUES(T)) {                              \
-        FASTBN_PREFETCH(dy + ahead + k);                                                    \
-        FASTBN_PREFETCH(x + ahead + k);                                                     \
-    }                                                                                       \
     for (ptrdiff_t j = 0; j < n; j++)                                                       \
         gx[j] = (dy[j] - (x[j] - hi[j]) * a[j] - m[j]) * k[j];                              \
 }
