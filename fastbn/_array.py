@@ -23,15 +23,6 @@ def device_kind(x):
     return "cuda" if is_cupy_array(x) else "cpu"
 
 
-def namespace(x):
-    """The array module (numpy or cupy) that owns ``x``."""
-    if is_cupy_array(x):
-        import cupy
-
-        return cupy
-    return np
-
-
 def to_numpy(x):
     """Host copy of a NumPy or CuPy array (NumPy arrays pass through)."""
     if is_cupy_array(x):

@@ -13,18 +13,19 @@ see ``fastbn/_layout.py``):
   inner loops; column ``j`` of a folded row belongs to channel ``j % C``. The unit
   of work is a fixed-size block of folded rows.
 
-Bytes moved. Forward-train on the channel-outer layout works channel by channel:
-the planes of one channel are reduced and then normalized back to back, so the
-second read comes from cache and DRAM sees one read and one write. Backward
-does the same with its two reductions and grad_input (two reads, one write).
-When there are too few channels to keep every thread busy, the planes are
-processed in parallel instead (one more read).
+Bytes moved. Channel-outer forward-train and backward have two schedules. The
+plane schedule reduces all planes in parallel, then makes the elementwise pass
+over all planes; while the tensor is within about twice the L3, the second pass
+finds most of it still in cache. Larger tensors use channel blocks: a thread
+reduces a few consecutive channels and makes their elementwise pass right away,
+from cache, so DRAM sees one read and one write (two reads and one write for
+backward). The channel-inner layout reduces blocks of rows, then normalizes.
 
 Determinism: every unit of work yields partial statistics, and partials are
-merged in a fixed order (plane n = 0..N-1; block then folded column). The
-decomposition depends only on the shape, never on the number of threads or on
-which of the two schedules above runs, so results are bit-identical for any
-thread count.
+merged in a fixed order (planes of a batch group in order, then groups in order;
+blocks, then folded columns, then the tail). The decomposition depends only on
+the shape, never on the number of threads or on which schedule runs, so results
+are bit-identical for any thread count.
 
 Accuracy: statistics are float64 sums around a shift (the first value of each
 plane, or the first folded row of each block) merged with Chan's formula, so the
@@ -32,7 +33,8 @@ variance stays exact for data with a large mean. Elementwise passes compute
 ``(x - hi) * scale + shift``, where ``hi`` is the float64 mean rounded to the
 input's type and the rounding left over is folded into ``shift`` in float64, so
 ``x - mean`` keeps full precision even when ``|mean|`` is 1e6 times the standard
-deviation.
+deviation (``hi`` is 0 where the mean is small enough for one multiply-add to be
+as accurate, see ``FMA_SAFE``).
 """
 from cython cimport floating
 from cython.parallel cimport prange
