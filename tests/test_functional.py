@@ -163,9 +163,11 @@ def test_empty_batch():
         np.testing.assert_array_equal(gb, 0)
 
 
-def test_nan_propagates_to_its_channel_only():
-    x = make((4, 3, 5), np.float64, seed=12)
-    x[1, 1, 2] = np.nan
+@pytest.mark.parametrize("shape,layout", [((4, 3, 5), "contiguous"), ((40, 3), "contiguous"),
+                                          ((4, 3, 5, 6), "channels_last")])
+def test_nan_propagates_to_its_channel_only(shape, layout):
+    x = make(shape, np.float64, seed=12, layout=layout)
+    x[(1, 1) + (2,) * (len(shape) - 2)] = np.nan
     y = fastbn.batch_norm(x, None, None, training=True)
     assert np.isnan(y[:, 1]).all()
     assert np.isfinite(y[:, [0, 2]]).all()
