@@ -223,17 +223,15 @@ FASTBN_KERNEL void fastbn_run_grad_input_##SUF(const T *FASTBN_RESTRICT dy,     
         gx[i] = (dy[i] - (x[i] - hi) * a - m) * k;                                          \
 }                                                                                           \
                                                                                             \
-/* Column sums of (x - first row) and its square over rows [r0, r1) of width w. */          \
+/* Column sums of (x - shift) and of its square over rows [r0, r1) of width w. */         \
 FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrdiff_t w,    \
         ptrdiff_t r0, ptrdiff_t r1, double *FASTBN_RESTRICT su, double *FASTBN_RESTRICT sq, \
-        double *FASTBN_RESTRICT first) {                                                    \
-    const T *row0 = base + r0 * w;                                                          \
+        const double *FASTBN_RESTRICT shift) {                                              \
     for (ptrdiff_t j = 0; j < w; j++) {                                                     \
-        first[j] = (double)row0[j];                                                         \
         su[j] = 0;                                                                          \
         sq[j] = 0;                                                                          \
     }                                                                                       \
-    ptrdiff_t r = r0 + 1, ahead = FASTBN_AHEAD(T, w) * w;                                   \
+    ptrdiff_t r = r0, ahead = FASTBN_AHEAD(T, w) * w;                                       \
     /* four rows per sweep: a quarter of the loads and stores of su and sq */               \
     for (; r + 4 <= r1; r += 4) {                                                           \
         const T *FASTBN_RESTRICT a0 = base + r * w;                                         \
@@ -243,7 +241,7 @@ FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrd
         for (ptrdiff_t k = 0; k < 4 * w; k += FASTBN_LINE_VALUES(T))                        \
             FASTBN_PREFETCH(a0 + ahead + k);                                                \
         for (ptrdiff_t j = 0; j < w; j++) {                                                 \
-            double f = first[j];                                                            \
+            double f = shift[j];                                                            \
             double d0 = (double)a0[j] - f, d1 = (double)a1[j] - f;                          \
             double d2 = (double)a2[j] - f, d3 = (double)a3[j] - f;                          \
             su[j] += (d0 + d1) + (d2 + d3);                                                 \
@@ -253,7 +251,7 @@ FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrd
     for (; r < r1; r++) {                                                                   \
         const T *FASTBN_RESTRICT row = base + r * w;                                        \
         for (ptrdiff_t j = 0; j < w; j++) {                                                 \
-            double d = (double)row[j] - first[j];                                           \
+            double d = (double)row[j] - shift[j];                                           \
             su[j] += d;                                                                     \
             sq[j] += d * d;                                                                 \
         }                                                                                   \

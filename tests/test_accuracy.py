@@ -97,3 +97,18 @@ def test_channels_with_small_and_large_means_together(shape, layout):
     ye = fastbn.batch_norm(x, rm, rv, w, b)
     rye = ref.forward(x, w, b, rm.astype(np.float64), rv.astype(np.float64), 1e-5)
     assert _relative_error(ye, rye, w.astype(np.float64)) < 2e-6
+
+
+@pytest.mark.parametrize("shape", [(20000, 4), (3000, 200), (50, 3, 20, 20)])
+def test_outlier_in_the_first_row(shape):
+    """The channel-inner sums are taken around the first row; an outlier there must not
+    cost precision (it also makes the variance large, which bounds the relative error)."""
+    x = make(shape, np.float64, seed=27, layout="channels_last" if len(shape) == 4 else
+             "contiguous")
+    x[(0, 0) + (0,) * (len(shape) - 2)] = 1e8
+    from fastbn import _cpu_backend
+
+    got_mean, got_m2, count = _cpu_backend.moments(x)
+    want_mean, want_var = ref.moments(x)
+    assert (np.abs(got_mean - want_mean) <= 1e-12 * np.sqrt(want_var)).all()
+    np.testing.assert_allclose(got_m2 / count, want_var, rtol=1e-10)
