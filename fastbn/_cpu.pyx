@@ -741,6 +741,23 @@ cdef inline void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_
         rows_moments_f64(base, width, r0, r1, su, sq, shift)
 
 
+cdef void _sum_blocks(const double* part, Py_ssize_t blocks, Py_ssize_t stride,
+                      Py_ssize_t width, double* out) noexcept nogil:
+    """``out[j] = sum over blk (in order) of part[blk * stride + j]``.
+
+    Row by row, so that the reads are sequential: summing one column at a time
+    reads with a stride of a whole block and missed the L1 on every value.
+    """
+    cdef Py_ssize_t blk, j
+    cdef const double* row
+    for j in range(width):
+        out[j] = 0
+    for blk in range(blocks):
+        row = part + blk * stride
+        for j in range(width):
+            out[j] = out[j] + row[j]
+
+
 cdef inline Moments _group_moments(double tot, double sq, double shift,
                                   double cnt) noexcept nogil:
     """Moments of a group from its sums of (x - shift) and (x - shift)**2."""
@@ -752,42 +769,36 @@ cdef inline Moments _group_moments(double tot, double sq, double shift,
     return g
 
 
-cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* su,
-                                   const double* sq, const double* shift) noexcept nogil:
-    """Channel c: its folded columns (block sums added in block order), then the tail.
+cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* tot,
+                                   const double* squares, const double* tail_su,
+                                   const double* tail_sq, const double* shift) noexcept nogil:
+    """Channel c: its folded columns (sums over all blocks), then the tail.
 
     Every block sums around the same per-column shift (the first row), so block
-    partials add up plainly; only the ``fold`` columns and the tail, which have
-    shifts of their own, are merged with Chan's formula.
+    partials add up plainly (``tot``, ``squares``); only the ``fold`` columns
+    and the tail, which have shifts of their own, are merged with Chan's formula.
     """
-    cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width, fold = width // n_chan
-    cdef Py_ssize_t blk, f, j
-    cdef double cnt = <double> bl.body_rows, seen = 0, tot, squares
+    cdef Py_ssize_t n_chan = bl.n_chan, fold = bl.width // n_chan
+    cdef Py_ssize_t f, j
+    cdef double cnt = <double> bl.body_rows, seen = 0
     cdef Moments acc, grp
     acc.mean = 0
     acc.m2 = 0
     if bl.body_rows > 0:
         for f in range(fold):
             j = c + f * n_chan
-            tot = 0
-            squares = 0
-            for blk in range(bl.blocks):
-                tot = tot + su[blk * width + j]
-                squares = squares + sq[blk * width + j]
-            grp = _group_moments(tot, squares, shift[j], cnt)
+            grp = _group_moments(tot[j], squares[j], shift[j], cnt)
             acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
             seen = seen + cnt
     if bl.tail > 0:
-        j = bl.blocks * width + c
-        cnt = <double> bl.tail
-        grp = _group_moments(su[j], sq[j], shift[c], cnt)
-        acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
+        grp = _group_moments(tail_su[c], tail_sq[c], shift[c], <double> bl.tail)
+        acc = grp if seen == 0 else _chan_merge(acc, seen, grp, <double> bl.tail)
     return acc
 
 
 cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, double* mean,
                          double* m2, int num_threads) noexcept nogil:
-    """Per-channel mean and M2 of an (M, C) array; ``scratch`` holds 3 * (blocks + 1) * P.
+    """Per-channel mean and M2 of an (M, C) array; ``scratch``: _moments_scratch(bl).
 
     Sums are taken around one shift per folded column, its value in the first
     folded row (for the tail rows: the channel's first value). With float64
@@ -800,6 +811,8 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
     cdef double* shift = scratch
     cdef double* su = scratch + width
     cdef double* sq = su + groups * width
+    cdef double* tot = sq + groups * width
+    cdef double* squares = tot + width
     cdef const floating* tail = base + bl.body_rows * width
     cdef Moments mo
     if bl.body_rows > 0:
@@ -815,14 +828,23 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
     if bl.tail > 0:
         _rows_moments(tail, n_chan, 0, bl.tail, &su[bl.blocks * width],
                       &sq[bl.blocks * width], shift)
+    _sum_blocks(su, bl.blocks, width, width, tot)
+    _sum_blocks(sq, bl.blocks, width, width, squares)
     for c in prange(n_chan, schedule="static", num_threads=num_threads):
-        mo = _inner_channel(bl, c, su, sq, shift)
+        mo = _inner_channel(bl, c, tot, squares, su + bl.blocks * width,
+                            sq + bl.blocks * width, shift)
         mean[c] = mo.mean
         m2[c] = mo.m2
 
 
-cdef double* _inner_scratch(Blocks bl, Py_ssize_t per_group) except NULL:
-    return <double*> _alloc(per_group * (bl.blocks + 1) * bl.width * sizeof(double))
+cdef double* _moments_scratch(Blocks bl) except NULL:
+    """shift, per-group sums and squares, their totals: (2 * (blocks + 1) + 3) * P doubles."""
+    return <double*> _alloc((2 * (bl.blocks + 1) + 3) * bl.width * sizeof(double))
+
+
+cdef double* _grad_scratch(Blocks bl) except NULL:
+    """Per-group [dy | dy*(x-c) | x-c] sums and their three totals."""
+    return <double*> _alloc((3 * (bl.blocks + 1) + 3) * bl.width * sizeof(double))
 
 
 cdef inline void _tile(floating* a, Py_ssize_t n_chan, Py_ssize_t width) noexcept nogil:
@@ -845,7 +867,7 @@ def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
     cdef const floating* b = _opt(bias)
     cdef floating* rm = _opt_mut(running_mean)
     cdef floating* rv = _opt_mut(running_var)
-    cdef double* scratch = _inner_scratch(bl, 3)
+    cdef double* scratch = _moments_scratch(bl)
     cdef double* stats = NULL
     cdef floating* coef = NULL
     cdef Moments mo
@@ -873,7 +895,7 @@ def moments_inner(const floating[:, ::1] x, double[::1] mean, double[::1] m2,
                   int num_threads):
     """Per-channel mean and M2 (sum of squared deviations) of ``x`` (M, C), M >= 1."""
     cdef Blocks bl = _blocks(x.shape[0], x.shape[1])
-    cdef double* scratch = _inner_scratch(bl, 3)
+    cdef double* scratch = _moments_scratch(bl)
     try:
         with nogil:
             _inner_moments(&x[0, 0], bl, scratch, &mean[0], &m2[0], num_threads)
@@ -956,26 +978,24 @@ cdef inline void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize
         rows_grad_sums_f64(dy, x, width, r0, r1, center, out)
 
 
-cdef inline GradSums _inner_channel_sums(Blocks bl, Py_ssize_t c,
-                                        const double* part) noexcept nogil:
-    """Sum channel c's partials: blocks in order, folded columns in order, then the tail."""
+cdef inline GradSums _inner_channel_sums(Blocks bl, Py_ssize_t c, const double* totals,
+                                        const double* tail) noexcept nogil:
+    """Channel c's sums: its folded columns' totals over all blocks, in order, then the tail."""
     cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width, fold = width // n_chan
-    cdef Py_ssize_t blk, f, i
+    cdef Py_ssize_t f, j
     cdef GradSums acc
     acc.dy = 0
     acc.dyx = 0
     acc.x = 0
-    for blk in range(bl.blocks):
-        for f in range(fold):
-            i = 3 * blk * width + c + f * n_chan
-            acc.dy += part[i]
-            acc.dyx += part[i + width]
-            acc.x += part[i + 2 * width]
+    for f in range(fold):
+        j = c + f * n_chan
+        acc.dy += totals[j]
+        acc.dyx += totals[width + j]
+        acc.x += totals[2 * width + j]
     if bl.tail > 0:
-        i = 3 * bl.blocks * width + c
-        acc.dy += part[i]
-        acc.dyx += part[i + n_chan]
-        acc.x += part[i + 2 * n_chan]
+        acc.dy += tail[c]
+        acc.dyx += tail[n_chan + c]
+        acc.x += tail[2 * n_chan + c]
     return acc
 
 
@@ -991,8 +1011,11 @@ cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
     if bl.tail > 0:
         _rows_grad_sums(pdy + off, px + off, n_chan, 0, bl.tail, ctr,
                         &part[3 * bl.blocks * width])
+    cdef double* totals = part + 3 * (bl.blocks + 1) * width
+    for c in range(3):
+        _sum_blocks(part + c * width, bl.blocks, 3 * width, width, totals + c * width)
     for c in prange(n_chan, schedule="static", num_threads=num_threads):
-        out[c] = _inner_channel_sums(bl, c, part)
+        out[c] = _inner_channel_sums(bl, c, totals, part + 3 * bl.blocks * width)
 
 
 cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* pgx,
@@ -1020,7 +1043,7 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
     cdef floating* gw = _opt_mut(grad_weight)
     cdef floating* gb = _opt_mut(grad_bias)
     cdef bint need_sums = training or gw != NULL
-    cdef double* part = _inner_scratch(bl, 3)
+    cdef double* part = _grad_scratch(bl)
     cdef double* ctr = NULL
     cdef GradSums* sums = NULL
     cdef floating* coef = NULL
@@ -1053,7 +1076,7 @@ def grad_sums_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
     """``out[:, c] = [sum dy, sum dy * (x - center[c]), sum (x - center[c])]`` for (M, C)."""
     cdef Py_ssize_t n_chan = x.shape[1], c, j
     cdef Blocks bl = _blocks(x.shape[0], n_chan)
-    cdef double* part = _inner_scratch(bl, 3)
+    cdef double* part = _grad_scratch(bl)
     cdef double* ctr = NULL
     cdef GradSums* sums = NULL
     try:
