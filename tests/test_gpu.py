@@ -676,45 +676,10 @@ def test_building_blocks_launch_two_kernels_each(monkeypatch):
 
 
 def _thread_ranks(size, body):
-    """Run ``body(comm)`` on ``size`` threads sharing one device; simulated collectives."""
-    import threading
+    """Run ``body(comm)`` on ``size`` threads sharing one device; raise what a rank raised."""
+    from ranks import run_ranks
 
-    from fastbn._comm import Communicator
-
-    slots = [None] * size
-    barrier = threading.Barrier(size, timeout=60)
-
-    class Comm(Communicator):
-        def __init__(self, rank):
-            self.rank, self.size = rank, size
-
-        def _exchange(self, send):
-            slots[self.rank] = np.array(send, np.float64)
-            barrier.wait()
-            rows = np.stack(slots)
-            barrier.wait()
-            return rows
-
-        def allgather(self, send):
-            return self._exchange(send)
-
-        def allreduce(self, send):
-            return self._exchange(send).sum(axis=0)
-
-    results = [None] * size
-
-    def target(r):
-        try:
-            results[r] = body(Comm(r))
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            results[r] = exc
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "a simulated rank hung"
+    results = run_ranks(size, body, timeout=60, join=120)
     for res in results:
         if isinstance(res, BaseException):
             raise res
