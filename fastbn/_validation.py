@@ -192,7 +192,7 @@ def check_channel_array(a, name, num_channels, dtype):
 
 
 def check_writable(a, name):
-    if a is not None and is_cupy_array(a) is False and not a.flags.writeable:
+    if a is not None and not is_cupy_array(a) and not a.flags.writeable:
         raise ValueError(f"{name} is read-only but must be updated in place")
 
 

@@ -341,7 +341,8 @@ def test_alignment_does_not_change_results(shape, dtype):
 
 
 # -- calls, launches, strided buffers ------------------------------------------------------
-def test_launches_per_call(monkeypatch):
+def _record_launches(monkeypatch):
+    """List, filled as kernels are looked up for a launch, of their name expressions."""
     names = []
     real = _gpu._function
 
@@ -350,6 +351,11 @@ def test_launches_per_call(monkeypatch):
         return real(name)
 
     monkeypatch.setattr(_gpu, "_function", spy)
+    return names
+
+
+def test_launches_per_call(monkeypatch):
+    names = _record_launches(monkeypatch)
     x = on_gpu(make((4, 3, 5, 5), np.float32, seed=1))
     w = cupy.ones(3, cupy.float32)
     rm, rv = cupy.zeros(3, cupy.float32), cupy.ones(3, cupy.float32)
@@ -632,9 +638,7 @@ def test_building_blocks_do_not_depend_on_alignment(shape):
 
 
 def test_building_blocks_on_empty_input(monkeypatch):
-    launched = []
-    real = _gpu._function
-    monkeypatch.setattr(_gpu, "_function", lambda name: launched.append(name) or real(name))
+    launched = _record_launches(monkeypatch)
     x = cupy.zeros((0, 3, 4), cupy.float32)
     mean, m2, count = _gpu.moments(x)
     assert count == 0 and mean.shape == (3,) and m2.shape == (3,)
@@ -649,14 +653,7 @@ def test_building_blocks_on_empty_input(monkeypatch):
 
 
 def test_building_blocks_launch_two_kernels_each(monkeypatch):
-    names = []
-    real = _gpu._function
-
-    def spy(name):
-        names.append(name)
-        return real(name)
-
-    monkeypatch.setattr(_gpu, "_function", spy)
+    names = _record_launches(monkeypatch)
     for shape, layout in (((4, 3, 5, 5), "contiguous"), ((4, 3, 5, 5), "channels_last")):
         x = on_gpu(make(shape, np.float32, seed=1), layout)
         w = cupy.ones(3, cupy.float32)
