@@ -33,6 +33,8 @@
  * pattern (a 4-row sweep over 512-byte rows ran at a third of the speed of the
  * same bytes read as one run), and a software prefetch about 8 KiB ahead of
  * each row restored it. Prefetches never fault, so reading past the end is fine.
+ * Rows of FASTBN_WIDE_ROW bytes or more stream well on their own, and there the
+ * prefetches cost 10-20% (measured for 2-8 KiB rows, 2 threads); they are skipped.
  */
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTBN_PREFETCH(addr) __builtin_prefetch((addr), 0, 0)
@@ -40,6 +42,7 @@
 #define FASTBN_PREFETCH(addr) ((void)0)
 #endif
 #define FASTBN_PREFETCH_BYTES 8192
+#define FASTBN_WIDE_ROW 2048
 /* rows ahead for rows of w values of type T: about FASTBN_PREFETCH_BYTES, at least 4 */
 #define FASTBN_AHEAD(T, w) \
     ((w) <= 0 ? 0 : (ptrdiff_t)(FASTBN_PREFETCH_BYTES / sizeof(T)) / (w) < 4 ? 4 \
@@ -232,13 +235,14 @@ FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrd
         sq[j] = 0;                                                                          \
     }                                                                                       \
     ptrdiff_t r = r0, ahead = FASTBN_AHEAD(T, w) * w;                                       \
+    ptrdiff_t fetch = w * (ptrdiff_t)sizeof(T) < FASTBN_WIDE_ROW ? 4 * w : 0;               \
     /* four rows per sweep: a quarter of the loads and stores of su and sq */               \
     for (; r + 4 <= r1; r += 4) {                                                           \
         const T *FASTBN_RESTRICT a0 = base + r * w;                                         \
         const T *FASTBN_RESTRICT a1 = a0 + w;                                               \
         const T *FASTBN_RESTRICT a2 = a1 + w;                                               \
         const T *FASTBN_RESTRICT a3 = a2 + w;                                               \
-        for (ptrdiff_t k = 0; k < 4 * w; k += FASTBN_LINE_VALUES(T))                        \
+        for (ptrdiff_t k = 0; k < fetch; k += FASTBN_LINE_VALUES(T))                        \
             FASTBN_PREFETCH(a0 + ahead + k);                                                \
         for (ptrdiff_t j = 0; j < w; j++) {                                                 \
             double f = shift[j];                                                            \
@@ -281,6 +285,23 @@ FASTBN_KERNEL void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,     
     double *FASTBN_RESTRICT q = out + 2 * w;                                                \
     memset(out, 0, 3 * (size_t)w * sizeof(double));                                        \
     ptrdiff_t r = r0, ahead = FASTBN_AHEAD(T, w) * w;                                       \
+    if (w * (ptrdiff_t)sizeof(T) >= FASTBN_WIDE_ROW) {                                      \
+        /* wide rows: four per sweep, no prefetch (the order depends on w only) */         \
+        for (; r + 4 <= r1; r += 4) {                                                       \
+            const T *FASTBN_RESTRICT dy0 = dy + r * w, *FASTBN_RESTRICT x0 = x + r * w;     \
+            for (ptrdiff_t j = 0; j < w; j++) {                                             \
+                double c = center[j];                                                       \
+                double d0 = (double)dy0[j], e0 = (double)x0[j] - c;                         \
+                double d1 = (double)dy0[j + w], e1 = (double)x0[j + w] - c;                 \
+                double d2 = (double)dy0[j + 2 * w], e2 = (double)x0[j + 2 * w] - c;         \
+                double d3 = (double)dy0[j + 3 * w], e3 = (double)x0[j + 3 * w] - c;         \
+                g[j] += (d0 + d1) + (d2 + d3);                                              \
+                p[j] += (d0 * e0 + d1 * e1) + (d2 * e2 + d3 * e3);                          \
+                q[j] += (e0 + e1) + (e2 + e3);                                              \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    /* narrow rows: two per sweep (more did not keep the prefetches ahead) */              \
     for (; r + 2 <= r1; r += 2) {                                                           \
         const T *FASTBN_RESTRICT dy0 = dy + r * w, *FASTBN_RESTRICT dy1 = dy0 + w;         \
         const T *FASTBN_RESTRICT x0 = x + r * w, *FASTBN_RESTRICT x1 = x0 + w;              \

@@ -10,6 +10,7 @@ CASES = [
     ((64, 16, 8, 8), "contiguous"),
     ((64, 16, 8, 8), "channels_last"),
     ((4096, 8), "contiguous"),
+    ((515, 600), "contiguous"),     # wide rows (fastbn/_kernels.h, FASTBN_WIDE_ROW)
     ((16, 8, 300), "contiguous"),
     ((4, 8, 3, 5, 7), "channels_last"),
 ]

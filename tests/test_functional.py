@@ -8,7 +8,8 @@ from helpers import LAYOUTS, is_channels_last, make, params, tol
 
 torch = pytest.importorskip("torch")
 
-SHAPES = [(16, 5), (7, 3, 11), (4, 6, 5, 7), (2, 3, 4, 5, 6), (3, 4, 1, 1), (1, 3, 9), (5, 2, 1)]
+SHAPES = [(16, 5), (7, 3, 11), (4, 6, 5, 7), (2, 3, 4, 5, 6), (3, 4, 1, 1), (1, 3, 9), (5, 2, 1),
+          (23, 530)]
 DTYPES = [np.float32, np.float64]
 
 
