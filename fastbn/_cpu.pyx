@@ -20,6 +20,9 @@ finds most of it still in cache. Larger tensors use channel blocks: a thread
 reduces a few consecutive channels and makes their elementwise pass right away,
 from cache, so DRAM sees one read and one write (two reads and one write for
 backward). The channel-inner layout reduces blocks of rows, then normalizes.
+Channel-outer calls that move more than 1.5 L3s write their output with
+streaming stores, which skip the read of each output line that a plain store
+makes first (see ``_streams`` and fastbn/_kernels.h).
 
 Determinism: every unit of work yields partial statistics, and partials are
 merged in a fixed order (planes of a batch group in order, then groups in order;
@@ -37,7 +40,7 @@ deviation (``hi`` is 0 where the mean is small enough for one multiply-add to be
 as accurate, see ``FMA_SAFE``).
 """
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport fabs, sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -101,6 +104,7 @@ cdef inline floating* _opt_mut(floating[::1] a) noexcept:
 
 
 cdef extern from "_kernels.h" nogil:
+    void _stream_fence "fastbn_stream_fence"()
     ctypedef struct Moments "fastbn_moments":
         double mean
         double m2
@@ -111,19 +115,19 @@ cdef extern from "_kernels.h" nogil:
     Moments run_moments_f32 "fastbn_run_moments_f32"(const float*, Py_ssize_t)
     Moments run_moments_f64 "fastbn_run_moments_f64"(const double*, Py_ssize_t)
     void run_affine_f32 "fastbn_run_affine_f32"(const float*, float*, Py_ssize_t, float,
-                                                float, float)
+                                                float, float, int)
     void run_affine_f64 "fastbn_run_affine_f64"(const double*, double*, Py_ssize_t, double,
-                                                double, double)
+                                                double, double, int)
     GradSums run_grad_sums_f32 "fastbn_run_grad_sums_f32"(const float*, const float*,
                                                           Py_ssize_t, double, GradSums)
     GradSums run_grad_sums_f64 "fastbn_run_grad_sums_f64"(const double*, const double*,
                                                           Py_ssize_t, double, GradSums)
     void run_grad_input_f32 "fastbn_run_grad_input_f32"(const float*, const float*, float*,
                                                         Py_ssize_t, float, float, float,
-                                                        float)
+                                                        float, int)
     void run_grad_input_f64 "fastbn_run_grad_input_f64"(const double*, const double*,
                                                         double*, Py_ssize_t, double, double,
-                                                        double, double)
+                                                        double, double, int)
     void rows_moments_f32 "fastbn_rows_moments_f32"(const float*, Py_ssize_t, Py_ssize_t,
                                                     Py_ssize_t, double*, double*,
                                                     const double*)
@@ -263,11 +267,11 @@ cdef inline Moments _run_moments(const floating* p, Py_ssize_t s) noexcept nogil
 
 
 cdef inline void _run_affine(const floating* x, floating* y, Py_ssize_t s, floating hi,
-                             floating sc, floating sh) noexcept nogil:
+                             floating sc, floating sh, bint nt) noexcept nogil:
     if floating is float:
-        run_affine_f32(x, y, s, hi, sc, sh)
+        run_affine_f32(x, y, s, hi, sc, sh, nt)
     else:
-        run_affine_f64(x, y, s, hi, sc, sh)
+        run_affine_f64(x, y, s, hi, sc, sh, nt)
 
 
 cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ssize_t s,
@@ -280,11 +284,11 @@ cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ss
 
 cdef inline void _run_grad_input(const floating* dy, const floating* x, floating* gx,
                                  Py_ssize_t s, floating hi, floating a, floating m,
-                                 floating k) noexcept nogil:
+                                 floating k, bint nt) noexcept nogil:
     if floating is float:
-        run_grad_input_f32(dy, x, gx, s, hi, a, m, k)
+        run_grad_input_f32(dy, x, gx, s, hi, a, m, k, nt)
     else:
-        run_grad_input_f64(dy, x, gx, s, hi, a, m, k)
+        run_grad_input_f64(dy, x, gx, s, hi, a, m, k, nt)
 
 
 # ---------------------------------------------------------------------------
@@ -430,6 +434,11 @@ cdef Py_ssize_t MAX_CHANNEL_BYTES = 12 * 1024 * 1024
 # 32 MB of L3 (benchmarks/results/): at 25-33 MB planes were 30-40% faster, at
 # 103 MB channel blocks were 22% faster. Set from the machine's L3 at import.
 cdef Py_ssize_t L3_BYTES = 32 * 1024 * 1024
+# Calls that move more than this many L3s stream their output (see _streams).
+# Measured on the 2-core EPYC (32 MB L3), alternating blocks of calls: at 50-200 MB
+# streaming was 4-24% faster (eval, backward), at 33 MB it was no faster, and it
+# evicts an output that the next layer could otherwise still find in the L3.
+cdef double STREAM_FACTOR = 1.5
 
 
 def set_l3_bytes(Py_ssize_t nbytes):
@@ -440,6 +449,29 @@ def set_l3_bytes(Py_ssize_t nbytes):
 
 
 cdef int _schedule = 0     # 0: automatic, 1: channel blocks, 2: planes
+cdef int _streaming = 0    # 0: automatic, 1: always, 2: never
+
+
+def set_streaming(int mode):
+    """Force the output stores (for tests and tuning; results never change).
+
+    0 picks automatically (see _streams), 1 always streams, 2 never does.
+    """
+    global _streaming
+    if mode not in (0, 1, 2):
+        raise ValueError(f"streaming mode must be 0, 1 or 2, got {mode}")
+    _streaming = mode
+
+
+cdef inline bint _streams(Py_ssize_t nbytes) noexcept nogil:
+    """Whether a call that reads and writes ``nbytes`` in all streams its output.
+
+    Streaming stores skip the read a plain store makes of each output line
+    (write-allocate); they pay off once the output cannot stay in the L3 anyway.
+    Only the channel-outer kernels stream (their planes are long runs); a thread
+    that streamed calls ``_stream_fence`` after its last kernel call.
+    """
+    return _streaming == 1 or (_streaming == 0 and nbytes > STREAM_FACTOR * L3_BYTES)
 
 
 def set_schedule(int mode):
@@ -502,6 +534,7 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef Py_ssize_t block = _channel_block(n_chan, 2 * n_batch * s * sizeof(floating),
                                            num_threads)
     cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, k, c1
+    cdef bint nt = _streams(2 * planes * s * sizeof(floating))
     try:
         coef = <floating*> _alloc(3 * n_chan * sizeof(floating))
         hi = coef
@@ -510,26 +543,32 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
         units = <Moments*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(Moments))
         with nogil:
             if block:
-                for k in prange(blocks, schedule="dynamic", num_threads=num_threads):
-                    c1 = (k + 1) * block
-                    if c1 > n_chan:
-                        c1 = n_chan
-                    _block_moments(x, k * block, c1, units + n_chan, units)
-                    for c in range(k * block, c1):
-                        _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si,
-                                      hi, sc, sh)
-                    for n in range(n_batch):
+                with parallel(num_threads=num_threads):
+                    for k in prange(blocks, schedule="dynamic"):
+                        c1 = (k + 1) * block
+                        if c1 > n_chan:
+                            c1 = n_chan
+                        _block_moments(x, k * block, c1, units + n_chan, units)
                         for c in range(k * block, c1):
-                            _run_affine(&x[n, c, 0], &y[n, c, 0], s, hi[c], sc[c], sh[c])
+                            _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si,
+                                          hi, sc, sh)
+                        for n in range(n_batch):
+                            for c in range(k * block, c1):
+                                _run_affine(&x[n, c, 0], &y[n, c, 0], s, hi[c], sc[c], sh[c], nt)
+                    if nt:
+                        _stream_fence()
             else:
                 _outer_moments(x, units + n_chan, units, num_threads)
                 for c in range(n_chan):
                     _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si, hi,
                                   sc, sh)
-                for q in prange(planes, schedule="static", num_threads=num_threads):
-                    c = q % n_chan
-                    _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c],
-                                sc[c], sh[c])
+                with parallel(num_threads=num_threads):
+                    for q in prange(planes, schedule="static"):
+                        c = q % n_chan
+                        _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c],
+                                    sc[c], sh[c], nt)
+                    if nt:
+                        _stream_fence()
     finally:
         _free(coef)
         _free(units)
@@ -541,11 +580,15 @@ def affine_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     """``y[n, c, :] = (x[n, c, :] - hi[c]) * scale[c] + shift[c]``."""
     cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
+    cdef bint nt = _streams(2 * planes * s * sizeof(floating))
     with nogil:
-        for q in prange(planes, schedule="static", num_threads=num_threads):
-            c = q % n_chan
-            _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c], scale[c],
-                        shift[c])
+        with parallel(num_threads=num_threads):
+            for q in prange(planes, schedule="static"):
+                c = q % n_chan
+                _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c], scale[c],
+                            shift[c], nt)
+            if nt:
+                _stream_fence()
 
 
 def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
@@ -557,15 +600,19 @@ def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
     cdef const floating* w = _opt(weight)
     cdef const floating* b = _opt(bias)
+    cdef bint nt = _streams(2 * planes * s * sizeof(floating))
     cdef floating* coef = <floating*> _alloc(3 * n_chan * sizeof(floating))
     try:
         with nogil:
             _eval_coefs(n_chan, w, b, &running_mean[0], &running_var[0],
                         eps, coef, coef + n_chan, coef + 2 * n_chan)
-            for q in prange(planes, schedule="static", num_threads=num_threads):
-                c = q % n_chan
-                _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, coef[c],
-                            coef[n_chan + c], coef[2 * n_chan + c])
+            with parallel(num_threads=num_threads):
+                for q in prange(planes, schedule="static"):
+                    c = q % n_chan
+                    _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, coef[c],
+                                coef[n_chan + c], coef[2 * n_chan + c], nt)
+                if nt:
+                    _stream_fence()
     finally:
         _free(coef)
 
@@ -597,6 +644,7 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef Py_ssize_t block = _channel_block(n_chan, 3 * n_batch * s * sizeof(floating),
                                            num_threads)
     cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, kb, c1
+    cdef bint nt = _streams(3 * planes * s * sizeof(floating))
     zero.dy = 0
     zero.dyx = 0
     zero.x = 0
@@ -612,30 +660,36 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
         units = <GradSums*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(GradSums))
         with nogil:
             if block:
-                for kb in prange(blocks, schedule="dynamic", num_threads=num_threads):
-                    c1 = (kb + 1) * block
-                    if c1 > n_chan:
-                        c1 = n_chan
-                    if need_sums:
-                        _block_grad_sums(dy, x, ctr, kb * block, c1, units + n_chan, units)
-                    for c in range(kb * block, c1):
-                        _finish_backward(c, units[c] if need_sums else zero, ctr[c],
-                                         invstd[c], count, training, w, gw, gb, hi, a, m,
-                                         k)
-                    for n in range(n_batch):
+                with parallel(num_threads=num_threads):
+                    for kb in prange(blocks, schedule="dynamic"):
+                        c1 = (kb + 1) * block
+                        if c1 > n_chan:
+                            c1 = n_chan
+                        if need_sums:
+                            _block_grad_sums(dy, x, ctr, kb * block, c1, units + n_chan, units)
                         for c in range(kb * block, c1):
-                            _run_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s,
-                                            hi[c], a[c], m[c], k[c])
+                            _finish_backward(c, units[c] if need_sums else zero, ctr[c],
+                                             invstd[c], count, training, w, gw, gb, hi, a, m,
+                                             k)
+                        for n in range(n_batch):
+                            for c in range(kb * block, c1):
+                                _run_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s,
+                                                hi[c], a[c], m[c], k[c], nt)
+                    if nt:
+                        _stream_fence()
             else:
                 if need_sums:
                     _outer_grad_sums(dy, x, ctr, units + n_chan, units, num_threads)
                 for c in range(n_chan):
                     _finish_backward(c, units[c] if need_sums else zero, ctr[c], invstd[c],
                                      count, training, w, gw, gb, hi, a, m, k)
-                for q in prange(planes, schedule="static", num_threads=num_threads):
-                    c = q % n_chan
-                    _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
-                                    &gx[q // n_chan, c, 0], s, hi[c], a[c], m[c], k[c])
+                with parallel(num_threads=num_threads):
+                    for q in prange(planes, schedule="static"):
+                        c = q % n_chan
+                        _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
+                                        &gx[q // n_chan, c, 0], s, hi[c], a[c], m[c], k[c], nt)
+                    if nt:
+                        _stream_fence()
     finally:
         _free(ctr)
         _free(coef)
@@ -680,12 +734,16 @@ def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     """``gx = (dy - (x - hi) * a - m) * k`` with ``coef = [hi, a, m, k]`` of shape (4, C)."""
     cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
+    cdef bint nt = _streams(3 * planes * s * sizeof(floating))
     with nogil:
-        for q in prange(planes, schedule="static", num_threads=num_threads):
-            c = q % n_chan
-            _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
-                            &gx[q // n_chan, c, 0], s, coef[0, c], coef[1, c], coef[2, c],
-                            coef[3, c])
+        with parallel(num_threads=num_threads):
+            for q in prange(planes, schedule="static"):
+                c = q % n_chan
+                _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
+                                &gx[q // n_chan, c, 0], s, coef[0, c], coef[1, c], coef[2, c],
+                                coef[3, c], nt)
+            if nt:
+                _stream_fence()
 
 
 # ---------------------------------------------------------------------------

@@ -64,6 +64,93 @@
 #define FASTBN_KERNEL static inline
 #endif
 
+/*
+ * Streaming (non-temporal) output stores, for calls that move more bytes than
+ * the L3 holds (the caller decides, see _streams in _cpu.pyx). A plain store
+ * first reads the line it writes (write-allocate); a streaming store does not,
+ * so an elementwise pass moves one tensor less. Values are computed by the same
+ * loop either way (into a small L1 buffer, then streamed), so the bits do not
+ * depend on the choice. Only whole 64-byte lines are streamed: a line written
+ * partly by each kind of store costs several times more. The kernels do not
+ * fence: each thread calls fastbn_stream_fence() once after its last call (a
+ * fence per call flushed the half-filled line at the end of every run, which
+ * was slower than not streaming at all).
+ */
+#define FASTBN_STREAM_CHUNK 256
+/* shorter runs (the 196-byte planes of a 7x7 layer) are mostly partial lines */
+#define FASTBN_STREAM_MIN_RUN 2048
+#if (defined(__SSE2__) || defined(_M_X64)) && !defined(FASTBN_NO_STREAM)
+#include <emmintrin.h>
+#include <stdint.h>
+#define FASTBN_HAVE_STREAM 1
+static inline void fastbn_stream_f32(float *dst, const float *src, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i += 4)
+        _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+}
+static inline void fastbn_stream_f64(double *dst, const double *src, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i += 2)
+        _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+}
+/* values of `size` bytes before p + k * size starts a cache line (n if never) */
+static inline ptrdiff_t fastbn_stream_lead(const void *p, size_t size, ptrdiff_t n) {
+    uintptr_t a = (uintptr_t)p;
+    ptrdiff_t lead = a % size ? n : (ptrdiff_t)(((64 - a % 64) % 64) / size);
+    return lead < n ? lead : n;
+}
+static inline void fastbn_stream_fence(void) { _mm_sfence(); }
+#else
+#define FASTBN_HAVE_STREAM 0
+static inline void fastbn_stream_f32(float *dst, const float *src, ptrdiff_t n) {
+    memcpy(dst, src, (size_t)n * sizeof *dst);
+}
+static inline void fastbn_stream_f64(double *dst, const double *src, ptrdiff_t n) {
+    memcpy(dst, src, (size_t)n * sizeof *dst);
+}
+static inline ptrdiff_t fastbn_stream_lead(const void *p, size_t size, ptrdiff_t n) {
+    (void)p;
+    (void)size;
+    return n;
+}
+static inline void fastbn_stream_fence(void) {}
+#endif
+
+/*
+ * out[0:n] from SPAN(i0, dst, len), which writes values i0 .. i0 + len - 1 of
+ * the output to dst[0:len]. Without `nt` that is one plain loop; with it, the
+ * whole lines go chunk by chunk through an L1 buffer and streaming stores.
+ */
+#define FASTBN_STREAMED(T, SUF, out, n, nt, SPAN)                                           \
+    do {                                                                                    \
+        if (!FASTBN_HAVE_STREAM || !(nt) || (n) * (ptrdiff_t)sizeof(T) < FASTBN_STREAM_MIN_RUN) {\
+            SPAN(0, (out), (n));                                                            \
+            break;                                                                          \
+        }                                                                                   \
+        ptrdiff_t i_ = fastbn_stream_lead((out), sizeof(T), (n));                           \
+        ptrdiff_t end_ = i_ + ((n) - i_) / (64 / (ptrdiff_t)sizeof(T))                      \
+                                        * (64 / (ptrdiff_t)sizeof(T));                      \
+        T buf_[FASTBN_STREAM_CHUNK];                                                        \
+        SPAN(0, (out), i_);                                                                 \
+        while (i_ < end_) {                                                                 \
+            ptrdiff_t len_ = end_ - i_ < FASTBN_STREAM_CHUNK ? end_ - i_                    \
+                                                             : FASTBN_STREAM_CHUNK;         \
+            SPAN(i_, buf_, len_);                                                           \
+            fastbn_stream_##SUF((out) + i_, buf_, len_);                                    \
+            i_ += len_;                                                                     \
+        }                                                                                   \
+        SPAN(i_, (out) + i_, (n) - i_);                                                     \
+    } while (0)
+
+/* The elementwise spans, written over the kernels' own argument names. */
+#define FASTBN_SPAN(i0, dst, len, EXPR)                                                     \
+    for (ptrdiff_t j_ = 0; j_ < (len); j_++) {                                              \
+        const ptrdiff_t o_ = (i0) + j_;                                                     \
+        (dst)[j_] = EXPR;                                                                   \
+    }
+#define FASTBN_RUN_FMA(i0, dst, len) FASTBN_SPAN(i0, dst, len, x[o_] * sc + sh)
+#define FASTBN_RUN_AFFINE(i0, dst, len) FASTBN_SPAN(i0, dst, len, (x[o_] - hi) * sc + sh)
+#define FASTBN_RUN_GRAD_INPUT(i0, dst, len) \
+    FASTBN_SPAN(i0, dst, len, (dy[o_] - (x[o_] - hi) * a - m) * k)
+
 typedef struct { double mean; double m2; } fastbn_moments;
 typedef struct { double dy; double dyx; double x; } fastbn_gradsums;
 
@@ -190,14 +277,11 @@ FASTBN_KERNEL fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p
                                                                                             \
 /* y = (x - hi) * sc + sh, per-run scalar coefficients (hi == 0: one multiply-add). */     \
 FASTBN_KERNEL void fastbn_run_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
-                                           ptrdiff_t n, T hi, T sc, T sh) {                 \
-    if (hi == 0) {                                                                          \
-        for (ptrdiff_t i = 0; i < n; i++)                                                   \
-            y[i] = x[i] * sc + sh;                                                          \
-    } else {                                                                                \
-        for (ptrdiff_t i = 0; i < n; i++)                                                   \
-            y[i] = (x[i] - hi) * sc + sh;                                                   \
-    }                                                                                       \
+                                           ptrdiff_t n, T hi, T sc, T sh, int nt) {         \
+    if (hi == 0)                                                                            \
+        FASTBN_STREAMED(T, SUF, y, n, nt, FASTBN_RUN_FMA);                                  \
+    else                                                                                    \
+        FASTBN_STREAMED(T, SUF, y, n, nt, FASTBN_RUN_AFFINE);                               \
 }                                                                                           \
                                                                                             \
 /* acc + [sum dy, sum dy * (x - c), sum (x - c)] over n values. */                          \
@@ -221,9 +305,8 @@ FASTBN_KERNEL fastbn_gradsums fastbn_run_grad_sums_##SUF(const T *FASTBN_RESTRIC
 /* gx = (dy - (x - hi) * a - m) * k, per-run scalar coefficients. */                        \
 FASTBN_KERNEL void fastbn_run_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                 \
         const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n, T hi, T a, T m,     \
-        T k) {                                                                              \
-    for (ptrdiff_t i = 0; i < n; i++)                                                       \
-        gx[i] = (dy[i] - (x[i] - hi) * a - m) * k;                                          \
+        T k, int nt) {                                                                      \
+    FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_RUN_GRAD_INPUT);                              \
 }                                                                                           \
                                                                                             \
 /* Column sums of (x - shift) and of its square over rows [r0, r1) of width w. */         \
