@@ -78,7 +78,7 @@
  */
 #define FASTBN_STREAM_CHUNK 256
 /* shorter runs (the 196-byte planes of a 7x7 layer) are mostly partial lines */
-#define FASTBN_STREAM_MIN_RUN 2048
+#define FASTBN_STREAM_MIN_RUN 512
 #if (defined(__SSE2__) || defined(_M_X64)) && !defined(FASTBN_NO_STREAM)
 #include <emmintrin.h>
 #include <stdint.h>
@@ -148,6 +148,11 @@ static inline void fastbn_stream_fence(void) {}
     }
 #define FASTBN_RUN_FMA(i0, dst, len) FASTBN_SPAN(i0, dst, len, x[o_] * sc + sh)
 #define FASTBN_RUN_AFFINE(i0, dst, len) FASTBN_SPAN(i0, dst, len, (x[o_] - hi) * sc + sh)
+#define FASTBN_ROWS_FMA(i0, dst, len) FASTBN_SPAN(i0, dst, len, x[o_] * sc[o_] + sh[o_])
+#define FASTBN_ROWS_AFFINE(i0, dst, len) \
+    FASTBN_SPAN(i0, dst, len, (x[o_] - hi[o_]) * sc[o_] + sh[o_])
+#define FASTBN_ROWS_GRAD_INPUT(i0, dst, len) \
+    FASTBN_SPAN(i0, dst, len, (dy[o_] - (x[o_] - hi[o_]) * a[o_] - m[o_]) * k[o_])
 #define FASTBN_RUN_GRAD_INPUT(i0, dst, len) \
     FASTBN_SPAN(i0, dst, len, (dy[o_] - (x[o_] - hi) * a - m) * k)
 
@@ -349,14 +354,11 @@ FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrd
    for all zeros (one multiply-add a value, one coefficient array less to stream). */      \
 FASTBN_KERNEL void fastbn_rows_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
         ptrdiff_t n, const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT sc,              \
-        const T *FASTBN_RESTRICT sh) {                                                      \
-    if (hi == NULL) {                                                                       \
-        for (ptrdiff_t j = 0; j < n; j++)                                                   \
-            y[j] = x[j] * sc[j] + sh[j];                                                    \
-    } else {                                                                                \
-        for (ptrdiff_t j = 0; j < n; j++)                                                   \
-            y[j] = (x[j] - hi[j]) * sc[j] + sh[j];                                          \
-    }                                                                                       \
+        const T *FASTBN_RESTRICT sh, int nt) {                                              \
+    if (hi == NULL)                                                                         \
+        FASTBN_STREAMED(T, SUF, y, n, nt, FASTBN_ROWS_FMA);                                 \
+    else                                                                                    \
+        FASTBN_STREAMED(T, SUF, y, n, nt, FASTBN_ROWS_AFFINE);                              \
 }                                                                                           \
                                                                                             \
 /* Column sums [dy | dy * (x - c) | (x - c)] over rows [r0, r1) of width w into out[3w]. */ \
@@ -417,9 +419,8 @@ FASTBN_KERNEL void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,     
 FASTBN_KERNEL void fastbn_rows_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                \
         const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n,                     \
         const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT a, const T *FASTBN_RESTRICT m,\
-        const T *FASTBN_RESTRICT k) {                                                       \
-    for (ptrdiff_t j = 0; j < n; j++)                                                       \
-        gx[j] = (dy[j] - (x[j] - hi[j]) * a[j] - m[j]) * k[j];                              \
+        const T *FASTBN_RESTRICT k, int nt) {                                               \
+    FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_ROWS_GRAD_INPUT);                             \
 }
 
 FASTBN_DEFINE_KERNELS(float, f32)
