@@ -101,26 +101,31 @@ def _make(case, dtype, seed):
 
 def _time(fn, min_repeat, budget_s):
     """Median wall time of ``fn()`` in ms (one warm-up call, then >= min_repeat runs)."""
-    return _time_interleaved([fn], min_repeat, budget_s)[0]
+    return _time_alternating([fn], min_repeat, budget_s)[0]
 
 
-def _time_interleaved(fns, min_repeat, budget_s):
-    """Median wall times in ms of several functions, called in turn.
+def _time_alternating(fns, min_repeat, budget_s, block=5):
+    """Median wall times in ms of several functions, in alternating blocks of calls.
 
-    Taking turns (a, b, c, a, b, c, ...) exposes every contender to the same
-    drift of the machine (other tenants, frequency, memory traffic), so the
-    ratios stay meaningful on a noisy machine where back-to-back blocks do not.
+    Each round gives every contender a warm-up call and ``block`` timed calls in a
+    row, the way a training loop calls one library; rounds repeat until each has
+    ``min_repeat`` timings (or more, within the time budget). Alternating rounds
+    expose every contender to the same drift of a noisy machine, while a block
+    keeps the contender's steady state: calling the libraries in strict turns
+    instead let each one's output allocations push the other's out of the
+    allocator's reuse (fresh pages: up to 0.7 ms more per 25 MB output), and
+    left two OpenMP runtimes' threads spinning against each other.
     """
-    for fn in fns:
-        fn()
     times = [[] for _ in fns]
     start = time.perf_counter()
     while len(times[0]) < min_repeat or (time.perf_counter() - start < budget_s * len(fns)
                                          and len(times[0]) < 3 * min_repeat):
         for fn, bucket in zip(fns, times):
-            t0 = time.perf_counter()
             fn()
-            bucket.append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                bucket.append(time.perf_counter() - t0)
     return [1e3 * statistics.median(t) for t in times]
 
 
@@ -223,7 +228,7 @@ def run_case(case, mode, dtype, threads, bandwidth, torch=None, budget_s=0.5):
     if torch is not None:
         tfn = _torch_runner(torch, mode, x, gy, w, b, rm, rv)
         contenders.append(tfn)
-    times = _time_interleaved(contenders, min_repeat, budget_s)
+    times = _time_alternating(contenders, min_repeat, budget_s)
     fast_ms, out_ms = times[0], times[1]
     numpy_ms = _time(slow, 5, budget_s / 2)
     want = _reference(mode, x, gy, w, b, rm, rv)

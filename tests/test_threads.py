@@ -20,7 +20,9 @@ def split_small_inputs(monkeypatch):
 CASES = [((8, 5, 17, 19), "contiguous"), ((8, 5, 17, 19), "channels_last"),
          ((3000, 7), "contiguous"), ((2, 3, 5000), "contiguous"), ((1, 2, 40000), "contiguous"),
          # rows of >= 2 KiB take the kernels' wide-row sweeps (fastbn/_kernels.h)
-         ((203, 600), "contiguous")]
+         ((203, 600), "contiguous"),
+         # small C folded into rows of ~1024 values: 8 blocks and a tail of 112 rows
+         ((20000, 6), "contiguous")]
 
 
 def _run_all(x, gy):
