@@ -20,9 +20,9 @@ finds most of it still in cache. Larger tensors use channel blocks: a thread
 reduces a few consecutive channels and makes their elementwise pass right away,
 from cache, so DRAM sees one read and one write (two reads and one write for
 backward). The channel-inner layout reduces blocks of rows, then normalizes.
-Channel-outer calls that move more than 1.5 L3s write their output with
-streaming stores, which skip the read of each output line that a plain store
-makes first (see ``_streams`` and fastbn/_kernels.h).
+Calls that move more bytes than the L3 holds write their output with streaming
+stores, which skip the read of each output line that a plain store makes first
+(see ``_streams`` and fastbn/_kernels.h).
 
 Determinism: every unit of work yields partial statistics, and partials are
 merged in a fixed order (planes of a batch group in order, then groups in order;
@@ -443,11 +443,6 @@ cdef Py_ssize_t MAX_CHANNEL_BYTES = 12 * 1024 * 1024
 # 32 MB of L3 (benchmarks/results/): at 25-33 MB planes were 30-40% faster, at
 # 103 MB channel blocks were 22% faster. Set from the machine's L3 at import.
 cdef Py_ssize_t L3_BYTES = 32 * 1024 * 1024
-# Calls that move more than this many L3s stream their output (see _streams).
-# Measured on the 2-core EPYC (32 MB L3), alternating blocks of calls: at 50-200 MB
-# streaming was 4-24% faster (eval, backward), at 33 MB it was no faster, and it
-# evicts an output that the next layer could otherwise still find in the L3.
-cdef double STREAM_FACTOR = 1.5
 
 
 def set_l3_bytes(Py_ssize_t nbytes):
@@ -477,10 +472,14 @@ cdef inline bint _streams(Py_ssize_t nbytes) noexcept nogil:
 
     Streaming stores skip the read a plain store makes of each output line
     (write-allocate); they pay off once the output cannot stay in the L3 anyway.
-    Only the channel-outer kernels stream (their planes are long runs); a thread
-    that streamed calls ``_stream_fence`` after its last kernel call.
+    Measured on the 2-core EPYC (32 MB L3), alternating blocks of calls: 4-24%
+    faster at 50-200 MB (eval, backward, NCHW and NHWC), 7-14% faster for the
+    33 MB (4096, 1024) train and eval, no change beyond the noise for the 33 MB
+    3-D eval. Below the L3 size the output would still be in cache for the
+    next layer, which streaming would evict.
+    A thread that streamed calls ``_stream_fence`` after its last kernel call.
     """
-    return _streaming == 1 or (_streaming == 0 and nbytes > STREAM_FACTOR * L3_BYTES)
+    return _streaming == 1 or (_streaming == 0 and nbytes > L3_BYTES)
 
 
 def set_schedule(int mode):
