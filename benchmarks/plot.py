@@ -32,15 +32,22 @@ def main(json_path, png_path):
         for case in cases:
             match = [r["vs_torch"] for r in rows
                      if (r["case"], r["dtype"]) == case and r["mode"] == mode]
-            values.append(match[0] if match else 0)
+            values.append(match[0] if match else float("nan"))
         ax.barh([k + i * height for k in range(len(cases))], values, height, label=mode)
     ax.axvline(1.0, color="black", linewidth=1)
+    # log scale: rows near parity stay readable beside the 50x ones
+    ax.set_xscale("log")
+    top = max(r["vs_torch"] for r in rows)
+    ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100) if t <= 2 * max(top, 1)]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}x" for t in ticks])
     ax.set_yticks([k + height for k in range(len(cases))])
     ax.set_yticklabels([f"{c} ({d})" for c, d in cases])
     ax.invert_yaxis()
     ax.set_xlabel("speed-up over PyTorch CPU (higher is better; 1 = same speed)")
+    runs = f", median of {len(data['runs'])} runs" if "runs" in data else ""
     ax.set_title(f"fastbn vs torch {data.get('torch')} — {data['threads']} threads, "
-                 f"stream {data['bandwidth_gbps']:.0f} GB/s")
+                 f"stream {data['bandwidth_gbps']:.0f} GB/s{runs}")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)

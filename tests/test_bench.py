@@ -45,3 +45,29 @@ def test_reference_check_catches_a_wrong_kernel(monkeypatch):
 def test_cli_config(capsys):
     assert main(["config"]) == 0
     assert "openmp" in capsys.readouterr().out
+
+
+def test_summarize_takes_the_median_over_runs(tmp_path):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "summarize", pathlib.Path(__file__).parent.parent / "benchmarks" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    paths = []
+    for i, (ms, torch_ms) in enumerate([(1.0, 2.0), (2.0, 2.0), (4.0, 2.0)]):
+        row = {"case": "c", "shape": [2, 3], "dtype": "float32", "mode": "eval",
+               "fastbn_ms": ms, "out_ms": ms, "torch_ms": torch_ms, "vs_torch": torch_ms / ms,
+               "floor_pct": 50.0}
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"threads": 2, "torch": "t", "bandwidth_gbps": 30.0,
+                                         "rows": [row]}))
+    table = summarize.summarize(paths)
+    text = summarize.format_table(table, len(paths))
+    assert "1.00x [0.50, 2.00]" in text
+    assert "median of 3 runs" in text
+    out = tmp_path / "median.json"
+    summarize.main([str(p) for p in paths] + ["--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["vs_torch"] == 1.0 and row["vs_torch_min"] == 0.5 and row["out_ms"] == 2.0
