@@ -453,6 +453,15 @@ def set_l3_bytes(Py_ssize_t nbytes):
 
 
 cdef int _schedule = 0     # 0: automatic, 1: channel blocks, 2: planes
+
+
+cdef int _check_mode(int mode, str name) except -1:
+    """The tuning switches below take 0 (automatic), 1 or 2."""
+    if mode not in (0, 1, 2):
+        raise ValueError(f"{name} must be 0, 1 or 2, got {mode}")
+    return mode
+
+
 cdef int _streaming = 0    # 0: automatic, 1: always, 2: never
 
 
@@ -462,9 +471,7 @@ def set_streaming(int mode):
     0 picks automatically (see _streams), 1 always streams, 2 never does.
     """
     global _streaming
-    if mode not in (0, 1, 2):
-        raise ValueError(f"streaming mode must be 0, 1 or 2, got {mode}")
-    _streaming = mode
+    _streaming = _check_mode(mode, "streaming mode")
 
 
 cdef inline bint _streams(Py_ssize_t nbytes) noexcept nogil:
@@ -488,9 +495,7 @@ def set_schedule(int mode):
     0 picks automatically, 1 forces channel blocks, 2 forces planes.
     """
     global _schedule
-    if mode not in (0, 1, 2):
-        raise ValueError(f"schedule must be 0, 1 or 2, got {mode}")
-    _schedule = mode
+    _schedule = _check_mode(mode, "schedule")
 
 
 cdef Py_ssize_t _channel_block(Py_ssize_t n_chan, Py_ssize_t channel_bytes,
