@@ -14,34 +14,28 @@ import statistics
 import sys
 
 
-def summarize(paths):
-    """Rows keyed by (case, shape, dtype, mode): lists of
-    (fastbn ms, out= ms, torch ms, ratio, floor %)."""
-    table = {}
+def _load(paths):
+    runs = []
     for path in paths:
         with open(path) as f:
-            for r in json.load(f)["rows"]:
-                key = (r["case"], "x".join(map(str, r["shape"])), r["dtype"], r["mode"])
-                table.setdefault(key, []).append(
-                    (r["fastbn_ms"], r["out_ms"], r["torch_ms"], r["vs_torch"], r["floor_pct"]))
+            runs.append(json.load(f))
+    return runs
+
+
+def _table(runs):
+    table = {}
+    for run in runs:
+        for r in run["rows"]:
+            key = (r["case"], "x".join(map(str, r["shape"])), r["dtype"], r["mode"])
+            table.setdefault(key, []).append(
+                (r["fastbn_ms"], r["out_ms"], r["torch_ms"], r["vs_torch"], r["floor_pct"]))
     return table
 
 
-def format_table(table, runs):
-    lines = [f"median of {runs} runs; vs PyTorch as median [min, max] of the runs' ratios",
-             f"{'case':<27} {'shape':<16} {'dtype':<7} {'mode':<8} {'ms':>7} {'out= ms':>8} "
-             f"{'floor%':>6} {'torch ms':>9} {'vs PyTorch':>22}"]
-    for (case, shape, dtype, mode), vals in table.items():
-        ms, out_ms, torch_ms, ratio, floor = ([v[i] for v in vals] for i in range(5))
-        text = "-"
-        if all(t is not None for t in torch_ms):
-            text = (f"{statistics.median(ratio):5.2f}x [{min(ratio):4.2f}, {max(ratio):4.2f}]")
-        torch_text = (f"{statistics.median(torch_ms):9.2f}"
-                      if all(t is not None for t in torch_ms) else f"{'-':>9}")
-        lines.append(f"{case:<27} {shape:<16} {dtype:<7} {mode:<8} {statistics.median(ms):7.2f} "
-                     f"{statistics.median(out_ms):8.2f} {statistics.median(floor):5.0f}% "
-                     f"{torch_text} {text:>22}")
-    return "\n".join(lines)
+def summarize(paths):
+    """Rows keyed by (case, shape, dtype, mode): lists of
+    (fastbn ms, out= ms, torch ms, ratio, floor %)."""
+    return _table(_load(paths))
 
 
 def median_rows(table):
@@ -60,6 +54,22 @@ def median_rows(table):
     return rows
 
 
+def format_table(table, runs):
+    lines = [f"median of {runs} runs; vs PyTorch as median [min, max] of the runs' ratios",
+             f"{'case':<27} {'shape':<16} {'dtype':<7} {'mode':<8} {'ms':>7} {'out= ms':>8} "
+             f"{'floor%':>6} {'torch ms':>9} {'vs PyTorch':>22}"]
+    for r in median_rows(table):
+        text, torch_text = "-", f"{'-':>9}"
+        if r["vs_torch"] is not None:
+            text = f"{r['vs_torch']:5.2f}x [{r['vs_torch_min']:4.2f}, {r['vs_torch_max']:4.2f}]"
+            torch_text = f"{r['torch_ms']:9.2f}"
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['case']:<27} {shape:<16} {r['dtype']:<7} {r['mode']:<8} "
+                     f"{r['fastbn_ms']:7.2f} {r['out_ms']:8.2f} {r['floor_pct']:5.0f}% "
+                     f"{torch_text} {text:>22}")
+    return "\n".join(lines)
+
+
 def main(argv):
     json_out = None
     if "--json" in argv:
@@ -68,18 +78,15 @@ def main(argv):
         argv = argv[:i] + argv[i + 2:]
     if not argv:
         raise SystemExit(__doc__)
-    table = summarize(argv)
+    runs = _load(argv)
+    table = _table(runs)
     print(format_table(table, len(argv)))
     if json_out:
-        heads = []
-        for path in argv:
-            with open(path) as f:
-                heads.append(json.load(f))
         with open(json_out, "w") as f:
-            json.dump({"runs": argv, "threads": heads[0].get("threads"),
-                       "torch": heads[0].get("torch"),
-                       "bandwidth_gbps": statistics.median(h.get("bandwidth_gbps", 0.0)
-                                                           for h in heads),
+            json.dump({"runs": argv, "threads": runs[0].get("threads"),
+                       "torch": runs[0].get("torch"),
+                       "bandwidth_gbps": statistics.median(r.get("bandwidth_gbps", 0.0)
+                                                           for r in runs),
                        "rows": median_rows(table)}, f, indent=1)
 
 
