@@ -20,9 +20,10 @@ finds most of it still in cache. Larger tensors use channel blocks: a thread
 reduces a few consecutive channels and makes their elementwise pass right away,
 from cache, so DRAM sees one read and one write (two reads and one write for
 backward). The channel-inner layout reduces blocks of rows, then normalizes.
-Calls that move more bytes than the L3 holds write their output with streaming
-stores, which skip the read of each output line that a plain store makes first
-(see ``_streams`` and fastbn/_kernels.h).
+Calls that move more bytes than the L3 holds (channel-inner calls that read their
+input twice: two thirds of it) write their output with streaming stores, which
+skip the read of each output line that a plain store makes first (see
+``_streams`` and fastbn/_kernels.h).
 
 Determinism: every unit of work yields partial statistics, and partials are
 merged in a fixed order (planes of a batch group in order, then groups in order;
@@ -474,19 +475,27 @@ def set_streaming(int mode):
     _streaming = _check_mode(mode, "streaming mode")
 
 
-cdef inline bint _streams(Py_ssize_t nbytes) noexcept nogil:
+cdef inline bint _streams(Py_ssize_t nbytes, bint rereads=False) noexcept nogil:
     """Whether a call that reads and writes ``nbytes`` in all streams its output.
 
     Streaming stores skip the read a plain store makes of each output line
     (write-allocate); they pay off once the output cannot stay in the L3 anyway.
     Measured on the 2-core EPYC (32 MB L3), alternating blocks of calls: 4-24%
-    faster at 50-200 MB (eval, backward, NCHW and NHWC), 7-14% faster for the
-    33 MB (4096, 1024) train and eval, no change beyond the noise for the 33 MB
-    3-D eval. Below the L3 size the output would still be in cache for the
-    next layer, which streaming would evict.
+    faster at 50-200 MB (eval, backward, NCHW and NHWC). Below the L3 size the
+    output would still be in cache for the next layer, which streaming would
+    evict; at exactly the L3 size (the 16 MiB 3-D eval, 32 MiB moved) plain
+    stores were 15-25% faster for the channel-outer layout.
+
+    ``rereads``: the call reads its inputs a second time after its reductions
+    and writes the output only then (channel-inner forward-train and backward).
+    There a plain output also pushes the inputs out of the L3 before their
+    second read, so streaming starts at two thirds of the L3: (4096, 1024)
+    train (32 MiB moved) took 0.90x and (3072, 1024) train (24 MiB) 0.87x the
+    time with streaming, (2048, 1024) train (16 MiB) 1.14x (plain is kept).
     A thread that streamed calls ``_stream_fence`` after its last kernel call.
     """
-    return _streaming == 1 or (_streaming == 0 and nbytes > L3_BYTES)
+    cdef Py_ssize_t limit = 2 * L3_BYTES // 3 if rereads else L3_BYTES
+    return _streaming == 1 or (_streaming == 0 and nbytes > limit)
 
 
 def set_schedule(int mode):
@@ -964,7 +973,7 @@ def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
             for c in range(3):
                 _tile(coef + c * width, n_chan, width)
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + width, coef + 2 * width,
-                          num_threads)
+                          True, num_threads)
     finally:
         _free(scratch)
         _free(stats)
@@ -984,10 +993,15 @@ def moments_inner(const floating[:, ::1] x, double[::1] mean, double[::1] m2,
 
 
 cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floating* hi,
-                        const floating* sc, const floating* sh,
+                        const floating* sc, const floating* sh, bint rereads,
                         int num_threads) noexcept nogil:
+    """``y = (x - hi) * sc + sh`` over an (M, C) array (coefficients tiled to P).
+
+    ``rereads``: ``x`` was just reduced by the same call (see _streams).
+    """
     cdef Py_ssize_t width = bl.width, r
-    cdef bint nt = _streams(2 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating))
+    cdef bint nt = _streams(2 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating),
+                            rereads)
     for r in range(width):
         if hi[r] != 0:
             break
@@ -1035,7 +1049,7 @@ def forward_eval_inner(const floating[:, ::1] x, floating[:, ::1] y,
             for c in range(3):
                 _tile(coef + c * width, n_chan, width)
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + width, coef + 2 * width,
-                          num_threads)
+                          False, num_threads)
     finally:
         _free(coef)
 
@@ -1054,7 +1068,7 @@ def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,
                 coef[bl.width + j] = scale[j % n_chan]
                 coef[2 * bl.width + j] = shift[j % n_chan]
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + bl.width,
-                          coef + 2 * bl.width, num_threads)
+                          coef + 2 * bl.width, False, num_threads)
     finally:
         _free(coef)
 
@@ -1109,14 +1123,19 @@ cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
 
 
 cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* pgx,
-                            Blocks bl, const floating* coef, int num_threads) noexcept nogil:
-    """grad_input over an (M, C) array; ``coef`` = [hi | a | m | k], each tiled to P."""
+                            Blocks bl, const floating* coef, bint rereads,
+                            int num_threads) noexcept nogil:
+    """grad_input over an (M, C) array; ``coef`` = [hi | a | m | k], each tiled to P.
+
+    ``rereads``: ``dy`` and ``x`` were just reduced by the same call (see _streams).
+    """
     cdef Py_ssize_t width = bl.width, i
     cdef const floating* hi = coef
     cdef const floating* a = coef + width
     cdef const floating* m = coef + 2 * width
     cdef const floating* k = coef + 3 * width
-    cdef bint nt = _streams(3 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating))
+    cdef bint nt = _streams(3 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating),
+                            rereads)
     if nt:
         with parallel(num_threads=num_threads):
             for i in prange(bl.body_rows, schedule="static"):
@@ -1162,7 +1181,8 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                                  gb, coef, coef + width, coef + 2 * width, coef + 3 * width)
             for c in range(4):
                 _tile(coef + c * width, n_chan, width)
-            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, coef, num_threads)
+            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, coef, need_sums,
+                              num_threads)
     finally:
         _free(part)
         _free(ctr)
@@ -1206,7 +1226,7 @@ def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
             for c in range(4):
                 for j in range(bl.width):
                     tiled[c * bl.width + j] = coef[c, j % n_chan]
-            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, tiled, num_threads)
+            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, tiled, False, num_threads)
     finally:
         _free(tiled)
 
