@@ -22,6 +22,25 @@ def _cupy_for(index):
     return cupy, cupy.cuda.Device(0 if index is None else index)
 
 
+def _usable_cupy_for(index):
+    """:func:`_cupy_for`, after checking that the device exists (on placing a module).
+
+    Without the check, a machine with CuPy but no driver fails later with CUDA's
+    own words (``cudaErrorInsufficientDriver``) at the first array.
+    """
+    cupy, dev = _cupy_for(index)
+    name = "cuda" if index is None else f"cuda:{index}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        raise RuntimeError(f"device {name!r} is not usable on this machine: CUDA reports "
+                           f"{exc} (fastbn.show_config() shows what CuPy sees)") from exc
+    if dev.id >= count:
+        raise ValueError(f"device {name!r} does not exist: this machine has {count} CUDA "
+                         f"device(s)")
+    return cupy, dev
+
+
 class BatchNorm:
     """Batch normalization over axis 1 with PyTorch's parameters, buffers and state.
 
@@ -65,6 +84,8 @@ class BatchNorm:
         use_bias = v.check_flag(bias, "bias")
         self._dtype = v.check_dtype(dtype)
         self._device = v.parse_device(device)
+        if self._device[0] == "cuda":
+            _usable_cupy_for(self._device[1])
         self.training = True
         xp = self._xp()
         with self._device_context():
@@ -259,7 +280,7 @@ class BatchNorm:
         if target == self._device:
             return self
         if target[0] == "cuda":
-            cupy, dev = _cupy_for(target[1])
+            cupy, dev = _usable_cupy_for(target[1])
             with dev:
                 moved = {k: cupy.asarray(a) for k, a in self._state_items()}
         else:

@@ -189,3 +189,26 @@ def test_cuda_array_on_cpu_module_is_a_clear_type_error():
                                         r"numpy.ndarray"):
         fastbn.batch_norm_forward(make((2, 3, 4, 4), np.float32), fake_cls(), None, None, None,
                                   True, 0.1, 1e-5)
+
+
+def test_unusable_cuda_device_is_a_clear_error(monkeypatch):
+    """Placing a module on a CUDA device that is missing names the device and the cause."""
+    cupy = pytest.importorskip("cupy")
+
+    def no_driver():
+        raise cupy.cuda.runtime.CUDARuntimeError(35)   # cudaErrorInsufficientDriver
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", no_driver)
+    bn = fastbn.BatchNorm2d(3)
+    snap = _snapshot(bn)
+    with pytest.raises(RuntimeError, match=r"device 'cuda' is not usable on this machine: "
+                                           r"CUDA reports cudaErrorInsufficientDriver"):
+        bn.to("cuda")
+    with pytest.raises(RuntimeError, match=r"device 'cuda:1' is not usable"):
+        fastbn.BatchNorm2d(3, device="cuda:1")
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", lambda: 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:1' does not exist: this machine has "
+                                         r"1 CUDA device\(s\)"):
+        bn.to("cuda:1")
+    assert bn.device == "cpu"
+    _assert_unchanged(bn, snap)
