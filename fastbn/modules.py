@@ -231,25 +231,31 @@ class BatchNorm:
         strict = v.check_flag(strict, "strict")
         own = dict(self._state_items())
         given = dict(state_dict)
-        version = getattr(state_dict, "_metadata", {}).get("", {}).get("version")
+        metadata = getattr(state_dict, "_metadata", None) or {}
+        version = metadata.get("", {}).get("version")
         if ((version is None or version < 2) and self.track_running_stats
                 and "num_batches_tracked" not in given):
             given["num_batches_tracked"] = self.num_batches_tracked
         missing = [k for k in own if k not in given]
         unexpected = [k for k in given if k not in own]
+        # PyTorch's order and wording: missing keys, unexpected keys, then the values
         errors = []
-        if strict and unexpected:
-            errors.append("Unexpected key(s) in state_dict: "
-                          + ", ".join(f'"{k}"' for k in unexpected) + ".")
         if strict and missing:
             errors.append("Missing key(s) in state_dict: "
-                          + ", ".join(f'"{k}"' for k in missing) + ".")
+                          + ", ".join(f'"{k}"' for k in missing) + ". ")
+        if strict and unexpected:
+            errors.append("Unexpected key(s) in state_dict: "
+                          + ", ".join(f'"{k}"' for k in unexpected) + ". ")
         staged = {}
         for key, target in own.items():
             if key not in given:
                 continue
             value = given[key]
             host = to_numpy(value) if is_cupy_array(value) else np.asarray(value)
+            if target.ndim == 0 and host.ndim == 1 and host.shape[0] > 0:
+                # PyTorch's rule for old checkpoints: a 1-d value for a 0-d buffer
+                # (num_batches_tracked) gives its first element
+                value = host = host[0]
             if tuple(host.shape) != tuple(target.shape):
                 errors.append(f"size mismatch for {key}: copying a param with shape "
                               f"{tuple(host.shape)} from checkpoint, the shape in current "

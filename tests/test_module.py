@@ -187,3 +187,37 @@ def test_generic_batchnorm_accepts_any_rank():
     bn = fastbn.BatchNorm(2)
     for shape in [(4, 2), (4, 2, 3), (2, 2, 2, 2, 2, 2)]:
         assert bn(make(shape, np.float32)).shape == shape
+
+
+def test_load_state_dict_error_text_matches_torch():
+    """Missing keys, then unexpected keys, then bad values, worded as PyTorch words them."""
+    sd = {"weight": np.ones(3, np.float32), "foo": np.zeros(3), "bias": np.zeros(4)}
+    with pytest.raises(ValueError) as mine:
+        fastbn.BatchNorm1d(3).load_state_dict(sd)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.BatchNorm1d(3).load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    # PyTorch prints shapes as torch.Size([4]), fastbn as (4,)
+    want = str(theirs.value).replace("torch.Size([4])", "(4,)").replace("torch.Size([3])", "(3,)")
+    assert str(mine.value) == want
+
+
+def test_load_state_dict_old_checkpoint_forms():
+    """A 1-d num_batches_tracked, and _metadata = None, load as in PyTorch."""
+    for count in (np.array([4]), torch.tensor([4])):
+        mine = fastbn.BatchNorm1d(3)
+        mine.load_state_dict(dict(mine.state_dict(), num_batches_tracked=count))
+        assert mine.num_batches_tracked.shape == () and int(mine.num_batches_tracked) == 4
+        assert mine.num_batches_tracked.dtype == np.int64
+    theirs = torch.nn.BatchNorm1d(3)
+    theirs.load_state_dict(dict(theirs.state_dict(), num_batches_tracked=torch.tensor([4])))
+    assert int(theirs.num_batches_tracked) == 4
+    sd = fastbn.BatchNorm1d(3).state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata = None                  # no metadata: the version-2 rule keeps our count
+    mine = fastbn.BatchNorm1d(3)
+    mine.num_batches_tracked[...] = 9
+    mine.load_state_dict(sd)
+    assert int(mine.num_batches_tracked) == 9
+    with pytest.raises(ValueError, match="size mismatch for num_batches_tracked"):
+        mine.load_state_dict(dict(mine.state_dict(), num_batches_tracked=np.zeros(0, np.int64)))
+    assert int(mine.num_batches_tracked) == 9
