@@ -78,7 +78,8 @@ class BatchNorm:
         self.num_features = v.check_num_features(num_features)
         v.check_eps(eps, training=False)
         self.eps = eps
-        self.momentum = v.check_momentum(momentum, allow_none=True)
+        v.check_momentum(momentum, allow_none=True)
+        self.momentum = momentum      # as given: repr prints momentum=0 as PyTorch does
         self.affine = v.check_flag(affine, "affine")
         self.track_running_stats = v.check_flag(track_running_stats, "track_running_stats")
         use_bias = v.check_flag(bias, "bias")

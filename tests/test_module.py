@@ -189,6 +189,12 @@ def test_generic_batchnorm_accepts_any_rank():
         assert bn(make(shape, np.float32)).shape == shape
 
 
+@pytest.mark.parametrize("momentum", [0, 1, 0.5, None])
+def test_repr_keeps_momentum_as_given(momentum):
+    mine = fastbn.BatchNorm1d(3, momentum=momentum)
+    assert repr(mine) == repr(torch.nn.BatchNorm1d(3, momentum=momentum))
+
+
 def test_load_state_dict_error_text_matches_torch():
     """Missing keys, then unexpected keys, then bad values, worded as PyTorch words them."""
     sd = {"weight": np.ones(3, np.float32), "foo": np.zeros(3), "bias": np.zeros(4)}
