@@ -75,7 +75,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, out=None):
     return y
 
 
-def backward(gy, x, weight, mean, invstd, training, out=None):
+def backward(gy, x, weight, mean, invstd, training, out=None, param_grads=True):
     """Gradients of batch norm: ``(grad_input, grad_weight, grad_bias)``.
 
     ``mean`` / ``invstd`` are the saved batch statistics (training) or the
@@ -89,7 +89,7 @@ def backward(gy, x, weight, mean, invstd, training, out=None):
     n_chan = p.shape[1]
     gx, gx_view = p.output(np, dtype, out)
     gw = gb = None
-    if weight is not None:
+    if param_grads:
         gw = np.empty(n_chan, dtype)
         gb = np.empty(n_chan, dtype)
     _BACKWARD[p.kind](p.conform(np, gy), p.view, gx_view, _contig(weight),

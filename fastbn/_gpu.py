@@ -265,7 +265,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, out=None):
     return y
 
 
-def backward(gy, x, weight, mean, invstd, training, out=None):
+def backward(gy, x, weight, mean, invstd, training, out=None, param_grads=True):
     """Gradients of batch norm: ``(grad_input, grad_weight, grad_bias)``.
 
     ``mean`` / ``invstd`` are the saved batch statistics (training) or the
@@ -283,7 +283,7 @@ def backward(gy, x, weight, mean, invstd, training, out=None):
             invstd_t, invstd_d = _contig(invstd), None
         else:
             invstd_t, invstd_d = None, _contig(invstd.astype(np.float64, copy=False))
-        if not training and weight is None:
+        if not training and weight is None and not param_grads:
             # grad_input = dy * invstd: no reduction needed
             coef = cupy.empty(4 * c, dtype)
             inv64 = invstd_d if invstd_d is not None else invstd_t.astype(np.float64, copy=False)
@@ -296,7 +296,7 @@ def backward(gy, x, weight, mean, invstd, training, out=None):
         part, blocks = _reduce("grad_sums", p, (dy, p.view), (center,))
         coef = cupy.empty(5 * c, dtype)
         gw = gb = None
-        if weight is not None:
+        if param_grads:
             gw, gb = cupy.empty(c, dtype), cupy.empty(c, dtype)
         grid, block = _per_channel_grid(c, THREADS // 32)
         _function(kernel_name("finalize_grad", dtype))(

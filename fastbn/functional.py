@@ -105,7 +105,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
 
 
 def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, save_invstd,
-                        training, eps, *, out=None):
+                        training, eps, *, out=None, param_grads=True):
     """Gradients of :func:`batch_norm_forward`.
 
     Parameters
@@ -125,13 +125,19 @@ def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, sav
     out : array, optional
         Where to write ``grad_input`` (as ``out`` of :func:`batch_norm_forward`;
         it may be ``gy`` itself).
+    param_grads : bool, default True
+        Whether to compute ``grad_weight`` and ``grad_bias`` (PyTorch's
+        ``output_mask[1:]``). They do not need ``weight``: a bias-only layer
+        gets its ``grad_bias`` with ``weight=None``. False skips them (and, in
+        eval mode, the reduction pass they need).
 
     Returns
     -------
     grad_input : array
         Same shape as ``x`` (and the same memory layout as ``x``).
     grad_weight, grad_bias : array of shape (C,) or None
-        ``None`` when ``weight`` is None.
+        ``sum(gy * xhat)`` and ``sum(gy)`` over all but axis 1; ``None`` when
+        ``param_grads`` is False.
     """
     training, eps = _check_common(x, weight, None, running_mean, running_var, training, eps)
     v.check_input(gy, "grad_output")
@@ -139,6 +145,7 @@ def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, sav
                             "save_invstd": save_invstd})
     v.check_same_shape(gy, "grad_output", x, "input")
     v.check_out(out, x)
+    param_grads = v.check_flag(param_grads, "param_grads")
     backend = backend_for(x)
     xp = backend.xp
     n_chan = x.shape[1]
@@ -150,7 +157,7 @@ def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, sav
             if not (empty and a.shape == (0,)):
                 v.check_channel_array(a, name, n_chan, x.dtype)
     if empty:
-        zeros = None if weight is None else xp.zeros(n_chan, x.dtype)
+        zeros = xp.zeros(n_chan, x.dtype) if param_grads else None
         gx = _deliver(xp.empty(x.shape, x.dtype), out)
         return gx, zeros, (None if zeros is None else zeros.copy())
     if training:
@@ -159,7 +166,8 @@ def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, sav
         mean = running_mean
         invstd = invstd_from_var(xp, running_var.astype(xp.float64), eps)
     direct = _direct_out(xp, out, gy, x, weight, mean, invstd)
-    gx, gw, gb = backend.backward(gy, x, weight, mean, invstd, training, out=direct)
+    gx, gw, gb = backend.backward(gy, x, weight, mean, invstd, training, out=direct,
+                                  param_grads=param_grads)
     return _deliver(gx, out), gw, gb
 
 

@@ -200,7 +200,8 @@ class BatchNorm:
                                f"forward() call: there is nothing to differentiate")
         x, weight, rm, rv, save_mean, save_invstd, use_batch_stats = self._saved
         gx, gw, gb = batch_norm_backward(gy, x, weight, rm, rv, save_mean, save_invstd,
-                                         use_batch_stats, self.eps)
+                                         use_batch_stats, self.eps,
+                                         param_grads=weight is not None)
         self.grad_weight = gw
         self.grad_bias = gb if self.bias is not None else None
         return gx

@@ -60,7 +60,11 @@ def test_forward_backward_matches_torch(shape, dtype, training, affine):
         _close(gw, theirs["gw"], dtype, scale=shape[0] * 10)
         _close(gb, theirs["gb"], dtype, scale=shape[0] * 10)
     else:
-        assert gw is None and gb is None
+        # no weight, but the parameter gradients all the same (native_batch_norm_backward's)
+        mean, var = ref.moments(x) if training else (rm, rv)
+        _, want_gw, want_gb = ref.backward(gy, x, None, mean, var, 1e-5, training)
+        _close(gw, want_gw, dtype, scale=shape[0] * 10)
+        _close(gb, want_gb, dtype, scale=shape[0] * 10)
     assert y.dtype == x.dtype and gx.dtype == x.dtype and y.shape == x.shape
     if training:
         mean, var = ref.moments(x)
@@ -273,3 +277,30 @@ def test_strided_per_channel_arrays():
     want = fastbn.batch_norm_backward(gy, x, w, None, None, rsm, rsi, True, 1e-5)
     for a, c in zip(got, want):
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_param_grads_without_weight_match_native_backward(training):
+    """A bias-only layer (weight=None) still gets grad_bias, as with torch's output_mask."""
+    x = make((6, 3, 5), np.float64, offset=2.0, seed=5)
+    gy = make((6, 3, 5), np.float64, seed=6)
+    _, b, rm, rv = params(3, np.float64)
+    _, sm, si = fastbn.batch_norm_forward(x, None, b, rm.copy(), rv.copy(), True, 0.1, 1e-5)
+    gx, gw, gb = fastbn.batch_norm_backward(gy, x, None, rm, rv, sm, si, training, 1e-5)
+    t = [torch.from_numpy(a) if a is not None else None
+         for a in (gy, x, rm, rv, sm if training else None, si if training else None)]
+    want = torch.ops.aten.native_batch_norm_backward(t[0], t[1], None, t[2], t[3], t[4], t[5],
+                                                     training, 1e-5, [True, True, True])
+    for got, theirs in zip((gx, gw, gb), want):
+        np.testing.assert_allclose(got, theirs.numpy(), rtol=1e-12, atol=1e-12)
+    gx2, gw2, gb2 = fastbn.batch_norm_backward(gy, x, None, rm, rv, sm, si, training, 1e-5,
+                                               param_grads=False)
+    assert gw2 is None and gb2 is None
+    np.testing.assert_array_equal(gx2, gx)
+    empty = np.zeros((0, 3, 5))
+    _, gw0, gb0 = fastbn.batch_norm_backward(empty, empty, None, rm, rv, np.zeros(0),
+                                             np.zeros(0), training, 1e-5)
+    np.testing.assert_array_equal(gw0, 0.0)
+    np.testing.assert_array_equal(gb0, 0.0)
+    with pytest.raises(TypeError, match="param_grads must be a bool"):
+        fastbn.batch_norm_backward(gy, x, None, rm, rv, sm, si, training, 1e-5, param_grads=1)
