@@ -283,13 +283,14 @@ def backward(gy, x, weight, mean, invstd, training, out=None, param_grads=True):
             invstd_t, invstd_d = _contig(invstd), None
         else:
             invstd_t, invstd_d = None, _contig(invstd.astype(np.float64, copy=False))
-        if not training and weight is None and not param_grads:
-            # grad_input = dy * invstd: no reduction needed
+        if not training and not param_grads:
+            # grad_input = dy * invstd * weight: no reduction needed
             coef = cupy.empty(4 * c, dtype)
             inv64 = invstd_d if invstd_d is not None else invstd_t.astype(np.float64, copy=False)
             grid, block = _per_channel_grid(c, THREADS)
             _function(kernel_name("affine_coefs", dtype))(
-                grid, block, (_i64(c), None, None, inv64, np.float64(0.0), None, None, coef))
+                grid, block, (_i64(c), None, None, inv64, np.float64(0.0), _contig(weight), None,
+                              coef))
             _elementwise("normalize", p, (dy,), gx_view, coef)
             return gx, None, None
         center = _contig(mean)

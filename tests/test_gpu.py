@@ -739,3 +739,20 @@ def test_nccl_single_rank_communicator():
     x = cupy.asarray(xh)
     np.testing.assert_array_equal(host(bn(x)), host(plain(x)))
     np.testing.assert_array_equal(host(bn.backward(x)), host(plain.backward(x)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_param_grads_false_skips_parameter_gradients_gpu(training):
+    """grad_input is the same with and without the parameter gradients (eval: no reduction)."""
+    for dtype in DTYPES:
+        x = cupy.asarray(make((4, 6, 5, 7), dtype, offset=1.0, seed=61))
+        gy = cupy.asarray(make((4, 6, 5, 7), dtype, seed=62))
+        w, b, rm, rv = (cupy.asarray(a) for a in params(6, dtype))
+        _, sm, si = fastbn.batch_norm_forward(x, w, b, None, None, True, 0.1, EPS)
+        for weight in (w, None):
+            args = (gy, x, weight, rm, rv, sm, si, training, EPS)
+            gx, gw, gb = fastbn.batch_norm_backward(*args, param_grads=False)
+            assert gw is None and gb is None
+            want, want_gw, _ = fastbn.batch_norm_backward(*args)
+            assert want_gw is not None
+            close(host(gx), host(want), dtype)
