@@ -151,7 +151,8 @@ def _fastbn_call(fastbn, mode, xs, gys, saved, w, b, rm, rv):
     if mode == "train":
         return lambda i: fastbn.batch_norm_forward(xs[i % k], w, b, rm, rv, True, MOMENTUM, EPS)[0]
     if mode == "eval":
-        return lambda i: fastbn.batch_norm_forward(xs[i % k], w, b, rm, rv, False, MOMENTUM, EPS)[0]
+        return lambda i: fastbn.batch_norm_forward(xs[i % k], w, b, rm, rv, False, MOMENTUM,
+                                                   EPS)[0]
     return lambda i: fastbn.batch_norm_backward(gys[i % k], xs[i % k], w, None, None,
                                                 *saved[i % k], True, EPS)[0]
 
