@@ -72,7 +72,9 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
     out : array, optional
         Where to write ``y`` (same shape and dtype as ``x``, any layout; it may be
         ``x`` itself). With C-contiguous memory, or channels-last memory for a
-        channels-last ``x``, the kernel writes into it directly: no allocation.
+        channels-last ``x``, that shares no memory with the inputs, the kernel
+        writes into it directly: no allocation. An ``out`` that overlaps an input
+        is written through a temporary.
 
     Returns
     -------
