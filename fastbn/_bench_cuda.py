@@ -222,16 +222,25 @@ def _import_torch_cuda():
     return torch if torch.cuda.is_available() else None
 
 
-def run(quick=False, json_path=None, progress=print, dtypes=("float32",), use_torch=True):
-    """Run the GPU benchmark table; return the rows (dicts) and write them to ``json_path``."""
-    import cupy
+class NoDevice(RuntimeError):
+    """This machine cannot run the GPU table (no CuPy, or no usable CUDA device)."""
 
+
+def run(quick=False, json_path=None, progress=print, dtypes=("float32",), use_torch=True):
+    """Run the GPU benchmark table; return the rows (dicts) and write them to ``json_path``.
+
+    Raises :class:`NoDevice` before any work when the machine cannot run it.
+    """
+    try:
+        import cupy
+    except ImportError as exc:
+        raise NoDevice(f"fastbn bench --device cuda needs CuPy: {exc}") from exc
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("no CUDA device")
     except Exception as exc:
-        raise RuntimeError(f"fastbn bench --device cuda needs a usable CUDA device: "
-                           f"{type(exc).__name__}: {exc}") from exc
+        raise NoDevice(f"fastbn bench --device cuda needs a usable CUDA device: "
+                       f"{type(exc).__name__}: {exc}") from exc
     torch = _import_torch_cuda() if use_torch else None
     dev = cupy.cuda.Device()
     name = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"]

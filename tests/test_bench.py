@@ -3,6 +3,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 
 from fastbn import bench
 from fastbn.__main__ import main
@@ -71,3 +72,42 @@ def test_summarize_takes_the_median_over_runs(tmp_path):
     summarize.main([str(p) for p in paths] + ["--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["vs_torch"] == 1.0 and row["vs_torch_min"] == 0.5 and row["out_ms"] == 2.0
+
+
+def test_cli_rejects_bad_arguments_before_running(tmp_path, capsys):
+    """User mistakes are usage errors (exit 2, one line naming the argument), not tracebacks."""
+    for argv, text in [(["bench", "--threads", "0"], "--threads: expected a positive integer"),
+                       (["bench", "--threads", "-1"], "--threads: expected a positive integer"),
+                       (["bench", "--json", str(tmp_path / "no" / "x.json")], "does not exist"),
+                       (["bench", "--json", str(tmp_path)], "cannot write"),
+                       (["bench", "--device", "cuda", "--threads", "2", "--mode", "eval"],
+                        "--threads, --mode: only for the CPU table")]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert text in capsys.readouterr().err
+
+
+def test_cli_cuda_table(monkeypatch, capsys):
+    """--device cuda passes its options on, exits 2 without a device and 1 on a wrong row."""
+    from fastbn import _bench_cuda
+
+    def no_device(**kwargs):
+        raise _bench_cuda.NoDevice("fastbn bench --device cuda needs a usable CUDA device: none")
+
+    monkeypatch.setattr(_bench_cuda, "run", no_device)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "needs a usable CUDA device" in capsys.readouterr().err
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return [{"ok": ok} for ok in (True, False)]
+
+    monkeypatch.setattr(_bench_cuda, "run", fake_run)
+    monkeypatch.setattr(_bench_cuda, "format_table", lambda rows: f"{len(rows)} rows")
+    assert main(["bench", "--device", "cuda", "--dtype", "float64", "--no-torch"]) == 1
+    assert seen["dtypes"] == ("float64",) and seen["use_torch"] is False
+    assert capsys.readouterr().out.strip() == "2 rows"
