@@ -102,6 +102,9 @@ class BatchNorm:
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None
+        # whether grad_weight/grad_bias come from a backward after the last forward
+        # (allreduce_gradients refuses stale ones)
+        self._fresh_grads = False
 
     # -- device helpers -----------------------------------------------------
     def _xp(self):
@@ -185,6 +188,7 @@ class BatchNorm:
         if tracking:
             self.num_batches_tracked += 1
         self._saved = (x, self.weight, rm, rv, save_mean, save_invstd, use_batch_stats)
+        self._fresh_grads = False
         return y
 
     __call__ = forward
@@ -204,6 +208,7 @@ class BatchNorm:
                                          param_grads=weight is not None)
         self.grad_weight = gw
         self.grad_bias = gb if self.bias is not None else None
+        self._fresh_grads = True
         return gx
 
     # -- state ----------------------------------------------------------------

@@ -236,6 +236,7 @@ class SyncBatchNorm(BatchNorm):
             self.num_batches_tracked += 1
         self._sync_saved = (x, self.weight, mean_d, invstd_d, total)
         self._saved = None
+        self._fresh_grads = False
         return y
 
     __call__ = forward
@@ -291,6 +292,7 @@ class SyncBatchNorm(BatchNorm):
                                   if self.bias is not None else None)
             else:
                 self.grad_weight = self.grad_bias = None
+        self._fresh_grads = True
         return gx
 
     # -- state --------------------------------------------------------------------
@@ -338,24 +340,34 @@ def allreduce_gradients(module, comm=None, *, average=False):
     average = v.check_flag(average, "average")
     if adapter is None or adapter.size <= 1:
         return module
-    if module.weight is None:
-        return module   # nothing to reduce; every rank built the same module
     n_chan = module.num_features
-    # Layout: [grad_weight (C), grad_bias (C), failed flag per rank].
+    # Layout: [grad_weight (C), grad_bias (C), status per rank]. Every rank joins the
+    # collective, also one with nothing to send, so that a mismatch raises everywhere
+    # instead of leaving the other ranks waiting.
+    no_params, stale = 1.0, 2.0
     send = np.zeros(2 * n_chan + adapter.size)
-    ok = module.grad_weight is not None
-    if ok:
+    if module.weight is None:
+        send[2 * n_chan + adapter.rank] = no_params
+    elif module.grad_weight is None or not getattr(module, "_fresh_grads", False):
+        send[2 * n_chan + adapter.rank] = stale
+    else:
         send[:n_chan] = to_numpy(module.grad_weight)
         if module.grad_bias is not None:
             send[n_chan:2 * n_chan] = to_numpy(module.grad_bias)
-    else:
-        send[2 * n_chan + adapter.rank] = 1.0
     with module._device_context():
         summed = adapter.allreduce(send)
-    failed = [r for r in range(adapter.size) if summed[2 * n_chan + r] != 0]
-    if failed:
-        raise RuntimeError(f"allreduce_gradients: {_failed_ranks_text(failed)} had no "
-                           f"grad_weight (call backward() first); no gradient was changed")
+    status = summed[2 * n_chan:]
+    if (status == no_params).all():
+        return module   # no rank has affine parameters: nothing to reduce
+    problems = []
+    for code, text in ((no_params, "no affine parameters (the other ranks have)"),
+                       (stale, "no backward() since their last forward()")):
+        ranks = [r for r in range(adapter.size) if status[r] == code]
+        if ranks:
+            problems.append(f"{_failed_ranks_text(ranks)} had {text}")
+    if problems:
+        raise RuntimeError(f"allreduce_gradients: {'; '.join(problems)}; no gradient was "
+                           f"changed")
     scale = 1.0 / adapter.size if average else 1.0
     xp = module._xp()
     with module._device_context():

@@ -160,13 +160,49 @@ def test_allreduce_gradients_average_and_missing_backward():
         bn.backward(np.ones((3, 2)))
         if comm.rank == 1:
             bn.grad_weight = bn.grad_bias = None   # e.g. gradients cleared on one rank only
-        with pytest.raises(RuntimeError, match="rank 1 had no grad_weight"):
+        with pytest.raises(RuntimeError, match=r"rank 1 had no backward\(\) since"):
             fastbn.allreduce_gradients(bn)
         return bn.grad_bias
 
     gbs = run_ranks(2, missing)
     assert not any(isinstance(g, BaseException) for g in gbs), gbs
     np.testing.assert_array_equal(gbs[0], [3.0, 3.0])   # unchanged on the rank that had one
+
+
+def test_allreduce_gradients_refuses_stale_gradients_and_mixed_modules():
+    """Every rank raises (nobody waits) when one rank's gradients are from an older step,
+    or when only some ranks have affine parameters; no rank changes a gradient."""
+    def stale(comm):
+        bn = fastbn.BatchNorm(2, dtype=np.float64)
+        x = make((3, 2), np.float64, seed=comm.rank)
+        bn(x)
+        bn.backward(np.ones((3, 2)))
+        bn(2 * x)                          # the next step's forward ...
+        if comm.rank == 0:
+            bn.backward(np.ones((3, 2)))   # ... and only rank 0's backward
+        before = bn.grad_bias.copy()
+        with pytest.raises(RuntimeError, match=r"^allreduce_gradients: rank 1 had no "
+                                               r"backward\(\) since their last forward\(\)"):
+            fastbn.allreduce_gradients(bn, comm)
+        np.testing.assert_array_equal(bn.grad_bias, before)
+        return comm.take()
+
+    for calls in run_ranks(2, stale):
+        assert calls == ["allreduce"]
+
+    def mixed(comm):
+        bn = fastbn.BatchNorm(2, affine=comm.rank != 2)
+        bn(make((3, 2), np.float32, seed=comm.rank))
+        bn.backward(np.ones((3, 2), np.float32))
+        with pytest.raises(RuntimeError, match="rank 2 had no affine parameters"):
+            fastbn.allreduce_gradients(bn, comm)
+        none = fastbn.BatchNorm(2, affine=False)
+        none(make((3, 2), np.float32))
+        assert fastbn.allreduce_gradients(none, comm) is none   # nothing to do anywhere
+        return comm.take()
+
+    for calls in run_ranks(3, mixed):
+        assert calls == ["allreduce", "allreduce"]
 
 
 @pytest.mark.parametrize("comm_kind", ["none", "world_of_one"])
