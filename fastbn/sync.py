@@ -191,6 +191,7 @@ class SyncBatchNorm(BatchNorm):
         try:
             self._check_input(x)
             v.check_eps(self.eps, training=True)
+            v.check_momentum(self.momentum, allow_none=True)   # may have been reassigned
             for name in ("running_mean", "running_var"):
                 v.check_writable(getattr(self, name), name)
             backend = _steps_of(backend_for(x))

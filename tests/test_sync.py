@@ -394,3 +394,23 @@ def test_readme_example_on_two_ranks(tmp_path):
     out = _run_mpi(2, str(script))
     for rank in (0, 1):
         assert f"rank {rank} of 2: in step with the single-process run" in out, out
+
+
+def test_reassigned_momentum_is_checked_on_every_rank():
+    """A momentum set after construction is validated like BatchNorm's, before any change."""
+    def body(comm):
+        bn = fastbn.SyncBatchNorm(2, comm=comm)
+        if comm.rank == 1:
+            bn.momentum = float("nan")
+        before = {k: a.copy() for k, a in bn.state_dict().items()}
+        try:
+            bn(make((3, 2), np.float32, seed=comm.rank))
+        except (ValueError, RuntimeError) as exc:
+            caught = exc
+        for key, value in before.items():
+            np.testing.assert_array_equal(bn.state_dict()[key], value)
+        return type(caught).__name__, str(caught)
+
+    (name0, text0), (name1, text1) = run_ranks(2, body)
+    assert name1 == "ValueError" and "momentum must be finite" in text1
+    assert name0 == "RuntimeError" and "rank 1 rejected" in text0
