@@ -3,6 +3,8 @@
     pip install -e ".[plot]"
     python -m fastbn bench --json benchmarks/results/cpu.json
     python benchmarks/plot.py benchmarks/results/cpu.json benchmarks/results/cpu.png
+
+Also reads ``--device cuda`` runs and ``summarize.py --json`` medians of either.
 """
 import json
 import sys
@@ -44,10 +46,15 @@ def main(json_path, png_path):
     ax.set_yticks([k + height for k in range(len(cases))])
     ax.set_yticklabels([f"{c} ({d})" for c, d in cases])
     ax.invert_yaxis()
-    ax.set_xlabel("speed-up over PyTorch CPU (higher is better; 1 = same speed)")
     runs = f", median of {len(data['runs'])} runs" if "runs" in data else ""
-    ax.set_title(f"fastbn vs torch {data.get('torch')} — {data['threads']} threads, "
-                 f"stream {data['bandwidth_gbps']:.0f} GB/s{runs}")
+    if "device" in data:     # a --device cuda run
+        ax.set_xlabel("speed-up over PyTorch CUDA (higher is better; 1 = same speed)")
+        ax.set_title(f"fastbn vs torch {data.get('torch')} — {data['device']}, "
+                     f"copy {data['copy_gbps']:.0f} GB/s{runs}")
+    else:
+        ax.set_xlabel("speed-up over PyTorch CPU (higher is better; 1 = same speed)")
+        ax.set_title(f"fastbn vs torch {data.get('torch')} — {data['threads']} threads, "
+                     f"stream {data['bandwidth_gbps']:.0f} GB/s{runs}")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)

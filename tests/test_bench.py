@@ -111,3 +111,47 @@ def test_cli_cuda_table(monkeypatch, capsys):
     assert main(["bench", "--device", "cuda", "--dtype", "float64", "--no-torch"]) == 1
     assert seen["dtypes"] == ("float64",) and seen["use_torch"] is False
     assert capsys.readouterr().out.strip() == "2 rows"
+
+
+def test_summarize_and_plot_read_gpu_runs(tmp_path, capsys):
+    """Files of ``bench --device cuda`` (rows as _bench_cuda.run_case writes them)."""
+    import importlib.util
+    import pathlib
+
+    def script(name):
+        spec = importlib.util.spec_from_file_location(
+            name, pathlib.Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    summarize = script("summarize")
+    paths = []
+    for i, ms in enumerate((1.0, 2.0, 4.0)):
+        row = {"case": "c", "shape": [2, 3], "layout": "nchw", "dtype": "float32",
+               "mode": "eval", "fastbn_ms": ms, "fastbn_wall_ms": ms + 1, "gbps": 1.0,
+               "copy_pct": 40.0, "rotated_inputs": 4, "max_err": 1e-7, "torch_ms": 2.0,
+               "torch_wall_ms": 3.0, "vs_torch": 2.0 / ms, "vs_torch_wall": 1.0,
+               "torch_err": 1e-7, "ok": True, "device": "GPU"}
+        paths.append(tmp_path / f"gpu{i}.json")
+        paths[-1].write_text(json.dumps({"device": "GPU", "cupy": "14", "torch": "t",
+                                         "copy_gbps": 3000.0, "first_call_s": 1.0,
+                                         "rows": [row]}))
+    median = tmp_path / "median.json"
+    summarize.main([str(p) for p in paths] + ["--json", str(median)])
+    text = capsys.readouterr().out
+    assert "wall ms" in text and "copy%" in text and "1.00x [0.50, 2.00]" in text
+    data = json.loads(median.read_text())
+    assert data["device"] == "GPU" and data["rows"][0]["fastbn_wall_ms"] == 3.0
+    with pytest.raises(SystemExit, match="--json needs an output path"):
+        summarize.main([str(paths[0]), "--json"])
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"threads": 2, "rows": []}))
+    with pytest.raises(SystemExit, match="mix CPU and --device cuda"):
+        summarize.main([str(paths[0]), str(cpu)])
+    pytest.importorskip("matplotlib")
+    plot = script("plot")
+    for source in (paths[0], median):
+        png = tmp_path / (source.stem + ".png")
+        plot.main(str(source), str(png))
+        assert png.stat().st_size > 1000
