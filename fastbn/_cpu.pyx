@@ -235,18 +235,19 @@ cdef void _eval_coefs(Py_ssize_t n_chan, const floating* w, const floating* b,
 cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
                                   double invstd, double count,
                                   bint training, const floating* w, floating* gw,
-                                  floating* gb, floating* hi, floating* a, floating* m,
+                                  floating* gb, floating* hi, floating* ak, floating* mk,
                                   floating* k) noexcept nogil:
     """grad_weight / grad_bias and the coefficients of grad_input for one channel.
 
-    grad_input = ``(dy - (x - hi) * a - m) * k``, which is
+    grad_input = ``dy * k - ((x - hi) * ak + mk)``, which is
     ``(dy - mean(dy) - xhat * mean(dy * xhat)) * invstd * w`` with ``x - mean``
-    split as in :func:`_set_coefs`. In training the true batch mean is
-    ``center + sum_x / count``; the sums were taken around ``center`` (the saved
-    mean), so the correction is exact.
+    split as in :func:`_set_coefs` (``hi`` is 0 when the mean is within FMA_SAFE
+    standard deviations of 0, the rounding of ``x * ak`` being as small then).
+    In training the true batch mean is ``center + sum_x / count``; the sums were
+    taken around ``center`` (the saved mean), so the correction is exact.
     """
     cdef double offset, sum_dy = sums.dy, sum_dyx = sums.dyx, sum_x = sums.x
-    cdef double lo, slope, mean_dy
+    cdef double lo, slope, mean_dy, scale
     if training:
         offset = sum_x / count
         center = center + offset
@@ -254,13 +255,17 @@ cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
     if gw != NULL:
         gw[c] = <floating> (sum_dyx * invstd)
         gb[c] = <floating> sum_dy
-    hi[c] = <floating> center
-    lo = center - <double> hi[c]
     slope = sum_dyx * invstd * invstd / count if training else 0.0
     mean_dy = sum_dy / count if training else 0.0
-    a[c] = <floating> slope
-    m[c] = <floating> (mean_dy - lo * slope)
-    k[c] = <floating> (invstd * (1.0 if w == NULL else w[c]))
+    if slope == 0 or fabs(center) * invstd <= FMA_SAFE:
+        hi[c] = 0
+    else:
+        hi[c] = <floating> center
+    lo = center - <double> hi[c]
+    scale = invstd * (1.0 if w == NULL else w[c])
+    ak[c] = <floating> (slope * scale)
+    mk[c] = <floating> ((mean_dy - lo * slope) * scale)
+    k[c] = <floating> scale
 
 
 # ---------------------------------------------------------------------------
@@ -293,12 +298,12 @@ cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ss
 
 
 cdef inline void _run_grad_input(const floating* dy, const floating* x, floating* gx,
-                                 Py_ssize_t s, floating hi, floating a, floating m,
+                                 Py_ssize_t s, floating hi, floating ak, floating mk,
                                  floating k, bint nt) noexcept nogil:
     if floating is float:
-        run_grad_input_f32(dy, x, gx, s, hi, a, m, k, nt)
+        run_grad_input_f32(dy, x, gx, s, hi, ak, mk, k, nt)
     else:
-        run_grad_input_f64(dy, x, gx, s, hi, a, m, k, nt)
+        run_grad_input_f64(dy, x, gx, s, hi, ak, mk, k, nt)
 
 
 # ---------------------------------------------------------------------------
@@ -658,8 +663,8 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef bint need_sums = training or gw != NULL
     cdef floating* coef = NULL
     cdef floating* hi
-    cdef floating* a
-    cdef floating* m
+    cdef floating* ak
+    cdef floating* mk
     cdef floating* k
     cdef GradSums* units = NULL
     cdef GradSums zero
@@ -676,8 +681,8 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
             ctr[c] = center[c]
         coef = <floating*> _alloc(4 * n_chan * sizeof(floating))
         hi = coef
-        a = coef + n_chan
-        m = coef + 2 * n_chan
+        ak = coef + n_chan
+        mk = coef + 2 * n_chan
         k = coef + 3 * n_chan
         units = <GradSums*> _alloc((_n_groups(n_batch) + 1) * n_chan * sizeof(GradSums))
         with nogil:
@@ -691,12 +696,12 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                             _block_grad_sums(dy, x, ctr, kb * block, c1, units + n_chan, units)
                         for c in range(kb * block, c1):
                             _finish_backward(c, units[c] if need_sums else zero, ctr[c],
-                                             invstd[c], count, training, w, gw, gb, hi, a, m,
+                                             invstd[c], count, training, w, gw, gb, hi, ak, mk,
                                              k)
                         for n in range(n_batch):
                             for c in range(kb * block, c1):
                                 _run_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s,
-                                                hi[c], a[c], m[c], k[c], nt)
+                                                hi[c], ak[c], mk[c], k[c], nt)
                     if nt:
                         _stream_fence()
             else:
@@ -704,12 +709,12 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                     _outer_grad_sums(dy, x, ctr, units + n_chan, units, num_threads)
                 for c in range(n_chan):
                     _finish_backward(c, units[c] if need_sums else zero, ctr[c], invstd[c],
-                                     count, training, w, gw, gb, hi, a, m, k)
+                                     count, training, w, gw, gb, hi, ak, mk, k)
                 with parallel(num_threads=num_threads):
                     for q in prange(planes, schedule="static"):
                         c = q % n_chan
                         _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
-                                        &gx[q // n_chan, c, 0], s, hi[c], a[c], m[c], k[c], nt)
+                                        &gx[q // n_chan, c, 0], s, hi[c], ak[c], mk[c], k[c], nt)
                     if nt:
                         _stream_fence()
     finally:
@@ -753,7 +758,7 @@ def grad_sums_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
 
 def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                      floating[:, :, ::1] gx, const floating[:, ::1] coef, int num_threads):
-    """``gx = (dy - (x - hi) * a - m) * k`` with ``coef = [hi, a, m, k]`` of shape (4, C)."""
+    """``gx = dy * k - ((x - hi) * ak + mk)`` with ``coef = [hi, ak, mk, k]`` of shape (4, C)."""
     cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
     cdef bint nt = _streams(3 * planes * s * sizeof(floating))
@@ -1125,26 +1130,32 @@ cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
 cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* pgx,
                             Blocks bl, const floating* coef, bint rereads,
                             int num_threads) noexcept nogil:
-    """grad_input over an (M, C) array; ``coef`` = [hi | a | m | k], each tiled to P.
+    """grad_input over an (M, C) array; ``coef`` = [hi | ak | mk | k], each tiled to P.
 
     ``rereads``: ``dy`` and ``x`` were just reduced by the same call (see _streams).
     """
     cdef Py_ssize_t width = bl.width, i
     cdef const floating* hi = coef
-    cdef const floating* a = coef + width
-    cdef const floating* m = coef + 2 * width
+    cdef const floating* ak = coef + width
+    cdef const floating* mk = coef + 2 * width
     cdef const floating* k = coef + 3 * width
     cdef bint nt = _streams(3 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating),
                             rereads)
+    for i in range(width):
+        if hi[i] != 0:
+            break
+    else:
+        hi = NULL    # every channel takes the form without the subtraction
     if nt:
         with parallel(num_threads=num_threads):
             for i in prange(bl.body_rows, schedule="static"):
-                _rows_grad_input(pdy, px, pgx, i * width, width, hi, a, m, k, True)
+                _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, True)
             _stream_fence()
     else:
         for i in prange(bl.body_rows, schedule="static", num_threads=num_threads):
-            _rows_grad_input(pdy, px, pgx, i * width, width, hi, a, m, k, False)
-    _rows_grad_input(pdy, px, pgx, bl.body_rows * width, bl.tail * bl.n_chan, hi, a, m, k, nt)
+            _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, False)
+    _rows_grad_input(pdy, px, pgx, bl.body_rows * width, bl.tail * bl.n_chan, hi, ak, mk, k,
+                     nt)
     if nt:
         _stream_fence()
 
@@ -1217,7 +1228,7 @@ def grad_sums_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
 
 def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                      floating[:, ::1] gx, const floating[:, ::1] coef, int num_threads):
-    """``gx = (dy - (x - hi) * a - m) * k`` with ``coef = [hi, a, m, k]`` of shape (4, C)."""
+    """``gx = dy * k - ((x - hi) * ak + mk)`` with ``coef = [hi, ak, mk, k]`` of shape (4, C)."""
     cdef Py_ssize_t n_chan = x.shape[1], c, j
     cdef Blocks bl = _blocks(x.shape[0], n_chan)
     cdef floating* tiled = <floating*> _alloc(4 * bl.width * sizeof(floating))
@@ -1233,12 +1244,12 @@ def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
 
 cdef inline void _rows_grad_input(const floating* dy, const floating* x, floating* gx,
                                   Py_ssize_t off, Py_ssize_t n, const floating* hi,
-                                  const floating* a, const floating* m,
+                                  const floating* ak, const floating* mk,
                                   const floating* k, bint nt) noexcept nogil:
     if floating is float:
-        rows_grad_input_f32(dy + off, x + off, gx + off, n, hi, a, m, k, nt)
+        rows_grad_input_f32(dy + off, x + off, gx + off, n, hi, ak, mk, k, nt)
     else:
-        rows_grad_input_f64(dy + off, x + off, gx + off, n, hi, a, m, k, nt)
+        rows_grad_input_f64(dy + off, x + off, gx + off, n, hi, ak, mk, k, nt)
 
 
 # ---------------------------------------------------------------------------

@@ -153,13 +153,15 @@ def grad_input(gy, x, weight, mean, invstd, sum_dy, sum_dyx, count):
     p = _plan(np, x)
     gx, gx_view = p.empty_output(np, x.dtype)
     if p.count:
-        # (dy - (x - hi) * slope - m) * k, as in the fused kernels
-        hi = mean.astype(x.dtype)
+        # dy * k - ((x - hi) * ak + mk), as in the fused kernels (_finish_backward)
         slope = sum_dyx * invstd * invstd / count
+        near = (slope == 0) | (np.abs(mean) * invstd <= _cpu.FMA_SAFE_LIMIT)
+        hi = np.where(near, 0.0, mean).astype(x.dtype)
+        scale = invstd if weight is None else invstd * weight
         coef = np.empty((4, p.shape[1]), x.dtype)
         coef[0] = hi
-        coef[1] = slope
-        coef[2] = sum_dy / count - (mean - hi) * slope
-        coef[3] = invstd if weight is None else invstd * weight
+        coef[1] = slope * scale
+        coef[2] = (sum_dy / count - (mean - hi) * slope) * scale
+        coef[3] = scale
         _GRAD_INPUT[p.kind](p.conform(np, gy), p.view, gx_view, coef, threads_for(x.size))
     return gx

@@ -151,10 +151,19 @@ static inline void fastbn_stream_fence(void) {}
 #define FASTBN_ROWS_FMA(i0, dst, len) FASTBN_SPAN(i0, dst, len, x[o_] * sc[o_] + sh[o_])
 #define FASTBN_ROWS_AFFINE(i0, dst, len) \
     FASTBN_SPAN(i0, dst, len, (x[o_] - hi[o_]) * sc[o_] + sh[o_])
+/* grad_input with k folded into the other coefficients (ak = a * k, mk = m * k): two
+   multiply-adds a value where (dy - (x - hi) * a - m) * k took four operations, and
+   one coefficient array less for the channel-inner rows when hi is 0: the whole
+   channel-inner float32 backward took 0.76-0.87x the time ((100352, 64) and
+   (4096, 1024), A/B of two builds in one process, 2 threads), channel-outer no change. */
 #define FASTBN_ROWS_GRAD_INPUT(i0, dst, len) \
-    FASTBN_SPAN(i0, dst, len, (dy[o_] - (x[o_] - hi[o_]) * a[o_] - m[o_]) * k[o_])
+    FASTBN_SPAN(i0, dst, len, dy[o_] * k[o_] - ((x[o_] - hi[o_]) * ak[o_] + mk[o_]))
+#define FASTBN_ROWS_GRAD_INPUT_FMA(i0, dst, len) \
+    FASTBN_SPAN(i0, dst, len, dy[o_] * k[o_] - (x[o_] * ak[o_] + mk[o_]))
 #define FASTBN_RUN_GRAD_INPUT(i0, dst, len) \
-    FASTBN_SPAN(i0, dst, len, (dy[o_] - (x[o_] - hi) * a - m) * k)
+    FASTBN_SPAN(i0, dst, len, dy[o_] * k - ((x[o_] - hi) * ak + mk))
+#define FASTBN_RUN_GRAD_INPUT_FMA(i0, dst, len) \
+    FASTBN_SPAN(i0, dst, len, dy[o_] * k - (x[o_] * ak + mk))
 
 typedef struct { double mean; double m2; } fastbn_moments;
 typedef struct { double dy; double dyx; double x; } fastbn_gradsums;
@@ -307,11 +316,14 @@ FASTBN_KERNEL fastbn_gradsums fastbn_run_grad_sums_##SUF(const T *FASTBN_RESTRIC
     return acc;                                                                             \
 }                                                                                           \
                                                                                             \
-/* gx = (dy - (x - hi) * a - m) * k, per-run scalar coefficients. */                        \
+/* gx = dy * k - ((x - hi) * ak + mk), per-run scalar coefficients (hi == 0: x * ak). */   \
 FASTBN_KERNEL void fastbn_run_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                 \
-        const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n, T hi, T a, T m,     \
+        const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n, T hi, T ak, T mk,   \
         T k, int nt) {                                                                      \
-    FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_RUN_GRAD_INPUT);                              \
+    if (hi == 0)                                                                            \
+        FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_RUN_GRAD_INPUT_FMA);                      \
+    else                                                                                    \
+        FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_RUN_GRAD_INPUT);                          \
 }                                                                                           \
                                                                                             \
 /* Column sums of (x - shift) and of its square over rows [r0, r1) of width w. */         \
@@ -415,12 +427,16 @@ FASTBN_KERNEL void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,     
     }                                                                                       \
 }                                                                                           \
                                                                                             \
-/* gx = (dy - (x - hi) * a - m) * k over n values, per-column coefficients. */              \
+/* gx = dy * k - ((x - hi) * ak + mk) over n values, per-column coefficients; hi == NULL  \
+   stands for all zeros (x * ak). */                                                        \
 FASTBN_KERNEL void fastbn_rows_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                \
         const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n,                     \
-        const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT a, const T *FASTBN_RESTRICT m,\
-        const T *FASTBN_RESTRICT k, int nt) {                                               \
-    FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_ROWS_GRAD_INPUT);                             \
+        const T *FASTBN_RESTRICT hi, const T *FASTBN_RESTRICT ak,                           \
+        const T *FASTBN_RESTRICT mk, const T *FASTBN_RESTRICT k, int nt) {                  \
+    if (hi == NULL)                                                                         \
+        FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_ROWS_GRAD_INPUT_FMA);                     \
+    else                                                                                    \
+        FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_ROWS_GRAD_INPUT);                         \
 }
 
 FASTBN_DEFINE_KERNELS(float, f32)
