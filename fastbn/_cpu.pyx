@@ -20,10 +20,10 @@ finds most of it still in cache. Larger tensors use channel blocks: a thread
 reduces a few consecutive channels and makes their elementwise pass right away,
 from cache, so DRAM sees one read and one write (two reads and one write for
 backward). The channel-inner layout reduces blocks of rows, then normalizes.
-Calls that move more bytes than the L3 holds (channel-inner calls that read their
-input twice: two thirds of it) write their output with streaming stores, which
-skip the read of each output line that a plain store makes first (see
-``_streams`` and fastbn/_kernels.h).
+Calls that move more bytes than the L3 holds (channel-inner calls: 7/8 of it, or
+5/8 for those that read their input twice) write their output with streaming
+stores, which skip the read of each output line that a plain store makes first
+(see ``_streams`` and fastbn/_kernels.h).
 
 Determinism: every unit of work yields partial statistics, and partials are
 merged in a fixed order (planes of a batch group in order, then groups in order;
@@ -480,27 +480,36 @@ def set_streaming(int mode):
     _streaming = _check_mode(mode, "streaming mode")
 
 
-cdef inline bint _streams(Py_ssize_t nbytes, bint rereads=False) noexcept nogil:
+# Where streaming starts, in eighths of the L3 (see _streams).
+cdef int STREAM_OUTER = 8          # channel-outer calls
+cdef int STREAM_INNER = 7          # channel-inner calls that read their input once
+cdef int STREAM_INNER_REREAD = 5   # channel-inner calls that read it again after reducing
+
+
+cdef inline bint _streams(Py_ssize_t nbytes, int eighths) noexcept nogil:
     """Whether a call that reads and writes ``nbytes`` in all streams its output.
 
     Streaming stores skip the read a plain store makes of each output line
     (write-allocate); they pay off once the output cannot stay in the L3 anyway.
-    Measured on the 2-core EPYC (32 MB L3), alternating blocks of calls: 4-24%
-    faster at 50-200 MB (eval, backward, NCHW and NHWC). Below the L3 size the
-    output would still be in cache for the next layer, which streaming would
-    evict; at exactly the L3 size (the 16 MiB 3-D eval, 32 MiB moved) plain
-    stores were 15-25% faster for the channel-outer layout.
+    Below that the output would still be in cache for the next layer, which
+    streaming would evict. The limit is ``eighths`` / 8 of the L3, measured on
+    the 2-core EPYC (32 MB L3) in alternating blocks of calls, float32:
 
-    ``rereads``: the call reads its inputs a second time after its reductions
-    and writes the output only then (channel-inner forward-train and backward).
-    There a plain output also pushes the inputs out of the L3 before their
-    second read, so streaming starts at two thirds of the L3: (4096, 1024)
-    train (32 MiB moved) took 0.90x and (3072, 1024) train (24 MiB) 0.87x the
-    time with streaming, (2048, 1024) train (16 MiB) 1.14x (plain is kept).
+    * channel-outer (8/8): 4-24% faster at 50-200 MB (eval, backward); at
+      exactly the L3 size (the 16 MiB 3-D eval, 32 MiB moved) plain stores were
+      15-25% faster.
+    * channel-inner eval (7/8): the per-column coefficient loads leave plain
+      stores less room to profit from the L3: (4096, 1024) eval (32 MiB moved)
+      took 0.80-0.99x the time with streaming, 14 MiB inputs 0.79-1.03x,
+      12 MiB inputs 1.08-1.15x (plain is kept there).
+    * channel-inner train and backward (5/8) read their input a second time
+      after the reductions, and a plain output pushes it out of the L3 before
+      that: (4096, 1024) train (32 MiB moved) 0.90x, (3072, 1024) train
+      (24 MiB) 0.87x, (2048, 1024) train (16 MiB) 1.14x (plain is kept).
+
     A thread that streamed calls ``_stream_fence`` after its last kernel call.
     """
-    cdef Py_ssize_t limit = 2 * L3_BYTES // 3 if rereads else L3_BYTES
-    return _streaming == 1 or (_streaming == 0 and nbytes > limit)
+    return _streaming == 1 or (_streaming == 0 and nbytes > eighths * (L3_BYTES // 8))
 
 
 def set_schedule(int mode):
@@ -561,7 +570,7 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef Py_ssize_t block = _channel_block(n_chan, 2 * n_batch * s * sizeof(floating),
                                            num_threads)
     cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, k, c1
-    cdef bint nt = _streams(2 * planes * s * sizeof(floating))
+    cdef bint nt = _streams(2 * planes * s * sizeof(floating), STREAM_OUTER)
     try:
         coef = <floating*> _alloc(3 * n_chan * sizeof(floating))
         hi = coef
@@ -607,7 +616,7 @@ def affine_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     """``y[n, c, :] = (x[n, c, :] - hi[c]) * scale[c] + shift[c]``."""
     cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
-    cdef bint nt = _streams(2 * planes * s * sizeof(floating))
+    cdef bint nt = _streams(2 * planes * s * sizeof(floating), STREAM_OUTER)
     with nogil:
         with parallel(num_threads=num_threads):
             for q in prange(planes, schedule="static"):
@@ -627,7 +636,7 @@ def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
     cdef const floating* w = _opt(weight)
     cdef const floating* b = _opt(bias)
-    cdef bint nt = _streams(2 * planes * s * sizeof(floating))
+    cdef bint nt = _streams(2 * planes * s * sizeof(floating), STREAM_OUTER)
     cdef floating* coef = <floating*> _alloc(3 * n_chan * sizeof(floating))
     try:
         with nogil:
@@ -671,7 +680,7 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef Py_ssize_t block = _channel_block(n_chan, 3 * n_batch * s * sizeof(floating),
                                            num_threads)
     cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, kb, c1
-    cdef bint nt = _streams(3 * planes * s * sizeof(floating))
+    cdef bint nt = _streams(3 * planes * s * sizeof(floating), STREAM_OUTER)
     zero.dy = 0
     zero.dyx = 0
     zero.x = 0
@@ -761,7 +770,7 @@ def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     """``gx = dy * k - ((x - hi) * ak + mk)`` with ``coef = [hi, ak, mk, k]`` of shape (4, C)."""
     cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
-    cdef bint nt = _streams(3 * planes * s * sizeof(floating))
+    cdef bint nt = _streams(3 * planes * s * sizeof(floating), STREAM_OUTER)
     with nogil:
         with parallel(num_threads=num_threads):
             for q in prange(planes, schedule="static"):
@@ -978,7 +987,7 @@ def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
             for c in range(3):
                 _tile(coef + c * width, n_chan, width)
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + width, coef + 2 * width,
-                          True, num_threads)
+                          STREAM_INNER_REREAD, num_threads)
     finally:
         _free(scratch)
         _free(stats)
@@ -998,15 +1007,15 @@ def moments_inner(const floating[:, ::1] x, double[::1] mean, double[::1] m2,
 
 
 cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floating* hi,
-                        const floating* sc, const floating* sh, bint rereads,
+                        const floating* sc, const floating* sh, int eighths,
                         int num_threads) noexcept nogil:
     """``y = (x - hi) * sc + sh`` over an (M, C) array (coefficients tiled to P).
 
-    ``rereads``: ``x`` was just reduced by the same call (see _streams).
+    ``eighths``: where streaming starts (see _streams).
     """
     cdef Py_ssize_t width = bl.width, r
     cdef bint nt = _streams(2 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating),
-                            rereads)
+                            eighths)
     for r in range(width):
         if hi[r] != 0:
             break
@@ -1054,7 +1063,7 @@ def forward_eval_inner(const floating[:, ::1] x, floating[:, ::1] y,
             for c in range(3):
                 _tile(coef + c * width, n_chan, width)
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + width, coef + 2 * width,
-                          False, num_threads)
+                          STREAM_INNER, num_threads)
     finally:
         _free(coef)
 
@@ -1073,7 +1082,7 @@ def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,
                 coef[bl.width + j] = scale[j % n_chan]
                 coef[2 * bl.width + j] = shift[j % n_chan]
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + bl.width,
-                          coef + 2 * bl.width, False, num_threads)
+                          coef + 2 * bl.width, STREAM_INNER, num_threads)
     finally:
         _free(coef)
 
@@ -1128,11 +1137,11 @@ cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
 
 
 cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* pgx,
-                            Blocks bl, const floating* coef, bint rereads,
+                            Blocks bl, const floating* coef, int eighths,
                             int num_threads) noexcept nogil:
     """grad_input over an (M, C) array; ``coef`` = [hi | ak | mk | k], each tiled to P.
 
-    ``rereads``: ``dy`` and ``x`` were just reduced by the same call (see _streams).
+    ``eighths``: where streaming starts (see _streams).
     """
     cdef Py_ssize_t width = bl.width, i
     cdef const floating* hi = coef
@@ -1140,7 +1149,7 @@ cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* p
     cdef const floating* mk = coef + 2 * width
     cdef const floating* k = coef + 3 * width
     cdef bint nt = _streams(3 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating),
-                            rereads)
+                            eighths)
     for i in range(width):
         if hi[i] != 0:
             break
@@ -1192,8 +1201,8 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                                  gb, coef, coef + width, coef + 2 * width, coef + 3 * width)
             for c in range(4):
                 _tile(coef + c * width, n_chan, width)
-            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, coef, need_sums,
-                              num_threads)
+            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, coef,
+                              STREAM_INNER_REREAD if need_sums else STREAM_INNER, num_threads)
     finally:
         _free(part)
         _free(ctr)
@@ -1237,7 +1246,8 @@ def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
             for c in range(4):
                 for j in range(bl.width):
                     tiled[c * bl.width + j] = coef[c, j % n_chan]
-            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, tiled, False, num_threads)
+            _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, tiled, STREAM_INNER,
+                              num_threads)
     finally:
         _free(tiled)
 
