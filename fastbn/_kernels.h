@@ -349,7 +349,8 @@ FASTBN_KERNEL void fastbn_rows_moments_##SUF(const T *FASTBN_RESTRICT base, ptrd
             double d0 = (double)a0[j] - f, d1 = (double)a1[j] - f;                          \
             double d2 = (double)a2[j] - f, d3 = (double)a3[j] - f;                          \
             su[j] += (d0 + d1) + (d2 + d3);                                                 \
-            sq[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);                             \
+            /* a chain of multiply-adds: 4 operations where the tree took 6 */              \
+            sq[j] = (((sq[j] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3;                    \
         }                                                                                   \
     }                                                                                       \
     for (; r < r1; r++) {                                                                   \
@@ -393,7 +394,7 @@ FASTBN_KERNEL void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,     
                 double d2 = (double)dy0[j + 2 * w], e2 = (double)x0[j + 2 * w] - c;         \
                 double d3 = (double)dy0[j + 3 * w], e3 = (double)x0[j + 3 * w] - c;         \
                 g[j] += (d0 + d1) + (d2 + d3);                                              \
-                p[j] += (d0 * e0 + d1 * e1) + (d2 * e2 + d3 * e3);                          \
+                p[j] = (((p[j] + d0 * e0) + d1 * e1) + d2 * e2) + d3 * e3;                  \
                 q[j] += (e0 + e1) + (e2 + e3);                                              \
             }                                                                               \
         }                                                                                   \
@@ -411,7 +412,7 @@ FASTBN_KERNEL void fastbn_rows_grad_sums_##SUF(const T *FASTBN_RESTRICT dy,     
             double d0 = (double)dy0[j], e0 = (double)x0[j] - c;                             \
             double d1 = (double)dy1[j], e1 = (double)x1[j] - c;                             \
             g[j] += d0 + d1;                                                                \
-            p[j] += d0 * e0 + d1 * e1;                                                      \
+            p[j] = (p[j] + d0 * e0) + d1 * e1;                                              \
             q[j] += e0 + e1;                                                                \
         }                                                                                   \
     }                                                                                       \
