@@ -50,7 +50,7 @@ def _parser():
     return p
 
 
-def _bench_cuda(parser, args):
+def _run_cuda_bench(parser, args):
     """``bench --device cuda``: exit status 2 for a usage or machine problem, 1 for a wrong row."""
     cpu_only = [f"--{name}" for name in ("threads", "layout", "mode")
                 if getattr(args, name) is not None]
@@ -77,7 +77,7 @@ def main(argv=None):
         show_config()
         return 0
     if args.device == "cuda":
-        return _bench_cuda(parser.bench_parser, args)
+        return _run_cuda_bench(parser.bench_parser, args)
     from . import bench
 
     rows = bench.run(quick=args.quick, threads=args.threads,
