@@ -255,17 +255,24 @@ cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
     if gw != NULL:
         gw[c] = <floating> (sum_dyx * invstd)
         gb[c] = <floating> sum_dy
-    slope = sum_dyx * invstd * invstd / count if training else 0.0
-    mean_dy = sum_dy / count if training else 0.0
+    scale = invstd * (1.0 if w == NULL else w[c])
+    k[c] = <floating> scale
+    if not training:
+        # grad_input = dy * k: the kernels then read dy only (see _x_term_vanishes), so
+        # an inf or NaN in x or in the running mean cannot reach grad_input
+        hi[c] = 0
+        ak[c] = 0
+        mk[c] = 0
+        return
+    slope = sum_dyx * invstd * invstd / count
+    mean_dy = sum_dy / count
     if slope == 0 or fabs(center) * invstd <= FMA_SAFE:
         hi[c] = 0
     else:
         hi[c] = <floating> center
     lo = center - <double> hi[c]
-    scale = invstd * (1.0 if w == NULL else w[c])
     ak[c] = <floating> (slope * scale)
     mk[c] = <floating> ((mean_dy - lo * slope) * scale)
-    k[c] = <floating> scale
 
 
 # ---------------------------------------------------------------------------
@@ -300,6 +307,9 @@ cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ss
 cdef inline void _run_grad_input(const floating* dy, const floating* x, floating* gx,
                                  Py_ssize_t s, floating hi, floating ak, floating mk,
                                  floating k, bint nt) noexcept nogil:
+    if hi == 0 and ak == 0 and mk == 0:
+        _run_affine(dy, gx, s, 0, k, 0, nt)     # dy * k (eval): x is not read
+        return
     if floating is float:
         run_grad_input_f32(dy, x, gx, s, hi, ak, mk, k, nt)
     else:
@@ -1150,6 +1160,13 @@ cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* p
     cdef const floating* k = coef + 3 * width
     cdef bint nt = _streams(3 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating),
                             eighths)
+    for i in range(width):
+        if hi[i] != 0 or ak[i] != 0 or mk[i] != 0:
+            break
+    else:
+        # dy * k (eval): read dy only, as _run_grad_input does
+        _inner_affine(pdy, pgx, bl, hi, k, ak, eighths, num_threads)
+        return
     for i in range(width):
         if hi[i] != 0:
             break

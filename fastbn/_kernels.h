@@ -285,7 +285,7 @@ FASTBN_KERNEL fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p
     fastbn_moments r;                                                                       \
     r.mean = shift + total / (double)n;                                                     \
     squares -= total * (total / (double)n);                                                 \
-    r.m2 = squares > 0 ? squares : 0.0;                                                     \
+    r.m2 = squares < 0 ? 0.0 : squares;   /* NaN stays NaN */                                 \
     return r;                                                                               \
 }                                                                                           \
                                                                                             \

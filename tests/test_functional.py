@@ -304,3 +304,42 @@ def test_param_grads_without_weight_match_native_backward(training):
     np.testing.assert_array_equal(gb0, 0.0)
     with pytest.raises(TypeError, match="param_grads must be a bool"):
         fastbn.batch_norm_backward(gy, x, None, rm, rv, sm, si, training, 1e-5, param_grads=1)
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (3, 2, 5), (2, 3, 4, 4)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_grad_input_ignores_nonfinite_x_and_mean(shape, layout):
+    """In eval grad_input is gy * invstd * w: an inf/NaN in x or running_mean stays out."""
+    if layout == "channels_last" and len(shape) < 4:
+        pytest.skip("one layout for this rank")
+    x = make(shape, np.float32, seed=7, layout=layout)
+    x.flat[0], x.flat[x.size // 2] = np.inf, np.nan
+    gy = make(shape, np.float32, seed=8, layout=layout)
+    c = shape[1]
+    w = np.linspace(0.5, 2, c).astype(np.float32)
+    rm = np.zeros(c, np.float32)
+    rm[0] = np.inf
+    rv = np.linspace(0.5, 1.5, c).astype(np.float32)
+    gx, _, _ = fastbn.batch_norm_backward(gy, x, w, rm, rv, None, None, False, 1e-5,
+                                          param_grads=False)
+    theirs = torch.ops.aten.native_batch_norm_backward(
+        torch.from_numpy(np.ascontiguousarray(gy)), torch.from_numpy(np.ascontiguousarray(x)),
+        torch.from_numpy(w), torch.from_numpy(rm), torch.from_numpy(rv), None, None, False,
+        1e-5, [True, False, False])[0].numpy()
+    assert np.isfinite(gx).all()
+    np.testing.assert_allclose(gx, theirs, rtol=1e-6)
+
+
+def test_nan_in_a_single_plane_reaches_the_statistics():
+    """One sample (N = 1): a NaN makes the variance NaN, as in PyTorch (it was read as 0)."""
+    for layout_x in (np.array([[[1.0, 2.0, np.nan, 4.0]]], np.float32),
+                     np.array([[1.0], [np.nan], [3.0]], np.float32)):
+        c = layout_x.shape[1]
+        rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+        _, sm, si = fastbn.batch_norm_forward(layout_x, None, None, rm, rv, True, 0.1, 1e-5)
+        trm, trv = torch.zeros(c), torch.ones(c)
+        _, tsm, tsi = torch.native_batch_norm(torch.from_numpy(layout_x), None, None, trm, trv,
+                                              True, 0.1, 1e-5)
+        for mine, theirs in ((sm, tsm), (si, tsi), (rm, trm), (rv, trv)):
+            np.testing.assert_array_equal(np.isnan(mine), np.isnan(theirs.numpy()))
+        assert np.isnan(si).all() and np.isnan(rv).all()
