@@ -6,7 +6,7 @@ The functions have the signatures and semantics of ``fastbn._cpu_backend``.
 
 Launches per call: forward-train 3 (partial moments, per-channel finalize,
 normalize), forward-eval 2 (coefficients, normalize), backward 3 (partial sums,
-finalize, grad-input; 2 in eval without weight); the step-by-step functions
+finalize, grad-input; 2 in eval with ``param_grads=False``); the step-by-step functions
 for SyncBatchNorm at the end take 2 each (none for an empty input). Reductions
 split every channel over several blocks and merge the partials in a fixed
 order; the split depends only on the shape, so results are bit-identical from

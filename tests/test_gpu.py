@@ -368,8 +368,11 @@ def test_launches_per_call(monkeypatch):
     _, sm, si = fastbn.batch_norm_forward(x, w, w, rm, rv, True, 0.1, EPS)
     assert count(lambda: fastbn.batch_norm_backward(x, x, w, None, None, sm, si, True,
                                                     EPS)) == 3
+    # eval: the reduction only for the parameter gradients; without them dy * k alone
     assert count(lambda: fastbn.batch_norm_backward(x, x, None, rm, rv, None, None, False,
-                                                    EPS)) == 2
+                                                    EPS)) == 3
+    assert count(lambda: fastbn.batch_norm_backward(x, x, w, rm, rv, None, None, False,
+                                                    EPS, param_grads=False)) == 2
     assert cupy.cuda.runtime.getDevice() in _gpu._modules
 
 
@@ -756,3 +759,15 @@ def test_param_grads_false_skips_parameter_gradients_gpu(training):
             want, want_gw, _ = fastbn.batch_norm_backward(*args)
             assert want_gw is not None
             close(host(gx), host(want), dtype)
+
+
+def test_nan_in_a_small_channel_reaches_the_statistics_gpu():
+    """A channel that fits one reduction block keeps a NaN in its M2 (CPU twin in
+    test_functional.py): save_invstd and running_var are NaN, not 1/sqrt(eps)."""
+    for xh in (np.array([[[1.0, 2.0, np.nan, 4.0]]], np.float32),
+               np.array([[1.0], [np.nan], [3.0]], np.float32)):
+        c = xh.shape[1]
+        rm, rv = cupy.zeros(c, cupy.float32), cupy.ones(c, cupy.float32)
+        _, sm, si = fastbn.batch_norm_forward(cupy.asarray(xh), None, None, rm, rv, True, 0.1,
+                                              EPS)
+        assert np.isnan(host(si)).all() and np.isnan(host(rv)).all()

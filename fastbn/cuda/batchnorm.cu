@@ -310,7 +310,7 @@ stats_outer(const T* __restrict__ x, double* __restrict__ part, long long C, lon
         const double m2 = acc[1] - acc[0] * (acc[0] / n);
         const long long i = c * B + b, cb = C * B;
         part[i] = shift + acc[0] / n;
-        part[cb + i] = m2 > 0.0 ? m2 : 0.0;
+        part[cb + i] = m2 < 0.0 ? 0.0 : m2;   // NaN stays NaN
         part[2 * cb + i] = n;
     }
 }
@@ -360,7 +360,7 @@ stats_inner(const T* __restrict__ x, double* __restrict__ part, long long M, lon
             const long long i = (cv * VEC + k) * B + b;
             const double m2 = acc[1][k] - acc[0][k] * (acc[0][k] / n);
             part[i] = shift[k] + acc[0][k] / n;
-            part[cb + i] = m2 > 0.0 ? m2 : 0.0;
+            part[cb + i] = m2 < 0.0 ? 0.0 : m2;   // NaN stays NaN
             part[2 * cb + i] = n;
         }
     }
