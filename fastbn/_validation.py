@@ -173,9 +173,10 @@ def check_module_device(module_name, device, x):
         raise TypeError(
             f"{module_name} is on device '{kind}' but the input is a {_type_name(x)} "
             f"({have}); move the module with {fix} or convert the input with {conv}")
-    if kind == "cuda" and index is not None and x.device.id != index:
-        raise TypeError(f"{module_name} is on cuda:{index} but the input is on "
-                        f"cuda:{x.device.id}; use bn.to('cuda:{x.device.id}')")
+    # a module placed on "cuda" keeps its arrays on cuda:0 (see modules._cupy_for)
+    if kind == "cuda" and x.device.id != (0 if index is None else index):
+        raise TypeError(f"{module_name} is on cuda:{0 if index is None else index} but the "
+                        f"input is on cuda:{x.device.id}; use bn.to('cuda:{x.device.id}')")
 
 
 def check_channel_array(a, name, num_channels, dtype):

@@ -1,4 +1,6 @@
 """Every failure path: a clear error, raised before any state changes."""
+import types
+
 import numpy as np
 import pytest
 
@@ -212,3 +214,21 @@ def test_unusable_cuda_device_is_a_clear_error(monkeypatch):
         bn.to("cuda:1")
     assert bn.device == "cpu"
     _assert_unchanged(bn, snap)
+
+
+def test_module_on_cuda_refuses_an_input_on_another_gpu():
+    """A module placed on "cuda" lives on cuda:0; an input on cuda:1 is a clear TypeError
+    (SyncBatchNorm, which calls the kernels itself, relies on this check)."""
+    from fastbn import _validation as v
+
+    def on(index):
+        return type("ndarray", (), {"__module__": "cupy",
+                                    "device": types.SimpleNamespace(id=index)})()
+
+    with pytest.raises(TypeError, match=r"BatchNorm2d is on cuda:0 but the input is on "
+                                        r"cuda:1; use bn.to\('cuda:1'\)"):
+        v.check_module_device("BatchNorm2d", ("cuda", None), on(1))
+    v.check_module_device("BatchNorm2d", ("cuda", None), on(0))
+    v.check_module_device("BatchNorm2d", ("cuda", 1), on(1))
+    with pytest.raises(TypeError, match="is on cuda:1 but the input is on cuda:0"):
+        v.check_module_device("BatchNorm2d", ("cuda", 1), on(0))
