@@ -22,6 +22,15 @@ from ._layout import plan as _plan
 
 xp = cupy
 
+# The kernels take None for every optional array (weight, bias, running stats). CuPy 13
+# passes a None kernel argument as an invalid pointer instead of NULL (cupy/cupy#9046,
+# "None RawKernel argument is turned into 0xffffffff"); CuPy 14 passes NULL.
+MIN_CUPY_MAJOR = 14
+if int(cupy.__version__.split(".")[0]) < MIN_CUPY_MAJOR:
+    raise ImportError(f"fastbn's CUDA backend needs CuPy >= {MIN_CUPY_MAJOR}, found "
+                      f"{cupy.__version__} (older CuPy passes None kernel arguments as invalid "
+                      f"pointers); pip install 'cupy-cuda13x>={MIN_CUPY_MAJOR}'")
+
 # Options passed to cupy.RawModule; CuPy adds -arch, -ftz=true and
 # --device-as-default-execution-space itself (tests/test_gpu_compile.py
 # compiles with the same list).

@@ -171,3 +171,12 @@ def test_importing_fastbn_does_not_import_cupy(tmp_path):
     path = [parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+
+
+def test_old_cupy_is_refused_at_import():
+    """CuPy 13 would pass None kernel arguments as invalid pointers (cupy/cupy#9046)."""
+    code = ("import cupy; cupy.__version__ = '13.3.0'\n"
+            "try:\n    import fastbn._gpu\nexcept ImportError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "needs CuPy >= 14, found 13.3.0" in out
