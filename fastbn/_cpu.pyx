@@ -522,6 +522,11 @@ cdef inline bint _streams(Py_ssize_t nbytes, int eighths) noexcept nogil:
     return _streaming == 1 or (_streaming == 0 and nbytes > eighths * (L3_BYTES // 8))
 
 
+def would_stream(Py_ssize_t nbytes, int eighths):
+    """Whether a call moving ``nbytes`` streams under the current mode (for tests)."""
+    return _streams(nbytes, eighths)
+
+
 def set_schedule(int mode):
     """Force the channel-outer schedule (for tests and tuning; results never change).
 
@@ -552,6 +557,11 @@ cdef Py_ssize_t _channel_block(Py_ssize_t n_chan, Py_ssize_t channel_bytes,
     if g < 1:
         return 1 if _schedule == 1 else 0
     return g
+
+
+def channel_block(Py_ssize_t n_chan, Py_ssize_t channel_bytes, int num_threads):
+    """Channels per block the schedule picks, 0 for planes (for tests)."""
+    return _channel_block(n_chan, channel_bytes, num_threads)
 
 
 def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,

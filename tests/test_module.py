@@ -227,3 +227,12 @@ def test_load_state_dict_old_checkpoint_forms():
     with pytest.raises(ValueError, match="size mismatch for num_batches_tracked"):
         mine.load_state_dict(dict(mine.state_dict(), num_batches_tracked=np.zeros(0, np.int64)))
     assert int(mine.num_batches_tracked) == 9
+
+
+def test_state_dict_returns_copies():
+    mine = fastbn.BatchNorm1d(3)
+    sd = mine.state_dict()
+    for value in sd.values():
+        value[...] = 7
+    assert (mine.weight == 1).all() and (mine.running_var == 1).all()
+    assert int(mine.num_batches_tracked) == 0
