@@ -78,21 +78,18 @@ def test_show_config(capsys):
     assert fastbn.__version__ in out
 
 
-@pytest.mark.parametrize("shape", [(8, 5, 17, 19), (3, 64, 40), (16, 2, 4, 4)])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_schedules_agree_bitwise(shape, dtype, split_small_inputs):
-    """Whole-channel and per-plane schedules (picked by C vs threads) give the same bits."""
+def _run_over_schedules(x, gy, threads):
+    """``_run_all`` under both channel-outer schedules and each thread count; asserts that
+    all runs give the same bits and returns the first run's results."""
     from fastbn import _cpu
 
-    x = make(shape, dtype, offset=1e4, seed=33)
-    gy = make(shape, dtype, seed=34)
     results = []
     try:
         for mode in (1, 2):
             _cpu.set_schedule(mode)
-            # the switch is obeyed (else this test would compare a schedule with itself)
-            assert (_cpu.channel_block(shape[1], 1 << 20, 2) > 0) == (mode == 1)
-            for n in (1, 2):
+            # the switch is obeyed (else the runs would compare a schedule with itself)
+            assert (_cpu.channel_block(x.shape[1], 1 << 20, 2) > 0) == (mode == 1)
+            for n in threads:
                 fastbn.set_num_threads(n)
                 results.append(_run_all(x, gy))
     finally:
@@ -100,6 +97,16 @@ def test_schedules_agree_bitwise(shape, dtype, split_small_inputs):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
+    return results[0]
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 17, 19), (3, 64, 40), (16, 2, 4, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_schedules_agree_bitwise(shape, dtype, split_small_inputs):
+    """Whole-channel and per-plane schedules (picked by C vs threads) give the same bits."""
+    x = make(shape, dtype, offset=1e4, seed=33)
+    gy = make(shape, dtype, seed=34)
+    _run_over_schedules(x, gy, threads=(1, 2))
 
 
 @pytest.mark.parametrize("shape", [(100, 3, 5, 7), (130, 2, 9)])
@@ -107,7 +114,6 @@ def test_schedules_agree_bitwise(shape, dtype, split_small_inputs):
 def test_large_batches_merge_planes_exactly(shape, dtype, split_small_inputs):
     """N > 64 puts several planes in each batch group: the merges inside a group, in both
     schedules and for 1-3 threads, agree with the float64 reference and with each other."""
-    from fastbn import _cpu
     import reference as ref
 
     x = make(shape, dtype, offset=1e4, seed=36)
@@ -115,19 +121,7 @@ def test_large_batches_merge_planes_exactly(shape, dtype, split_small_inputs):
     w = np.linspace(0.5, 1.5, shape[1]).astype(dtype)
     ry, mean, var = ref.forward_train(x, w, None, 1e-5)
     rgx, rgw, rgb = ref.backward(gy, x, w, mean, var, 1e-5, True)
-    results = []
-    try:
-        for mode in (1, 2):
-            _cpu.set_schedule(mode)
-            for n in (1, 2, 3):
-                fastbn.set_num_threads(n)
-                results.append(_run_all(x, gy))
-    finally:
-        _cpu.set_schedule(0)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            np.testing.assert_array_equal(a, b)
-    y, sm, si, _, _, gx, gw, gb, _ = results[0]
+    y, sm, si, _, _, gx, gw, gb, _ = _run_over_schedules(x, gy, threads=(1, 2, 3))
     tol = 1e-5 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(y, ry, rtol=0, atol=tol)
     np.testing.assert_allclose(sm, mean, rtol=1e-7 if dtype == np.float32 else 1e-14)
