@@ -31,9 +31,13 @@ blocks, then folded columns, then the tail). The decomposition depends only on
 the shape, never on the number of threads or on which schedule runs, so results
 are bit-identical for any thread count.
 
-Accuracy: statistics are float64 sums around a shift (the first value of each
-plane, or the first folded row of each block) merged with Chan's formula, so the
-variance stays exact for data with a large mean. Elementwise passes compute
+Accuracy: statistics are sums of deviations from a shift (the first value of each
+plane, or the first folded row of each block), added in float64 and merged with
+Chan's formula, so the variance stays exact for data with a large mean. float32
+input is summed in float32 partials of at most 8 deviations first (the ``_f32p``
+kernels of _kernels.h: half the arithmetic, which is what limits these passes on
+cached data), with a float64 fallback wherever a partial would lose precision;
+``set_float32_partials(False)`` widens every value instead. Elementwise passes compute
 ``(x - hi) * scale + shift``, where ``hi`` is the float64 mean rounded to the
 input's type and the rounding left over is folded into ``shift`` in float64, so
 ``x - mean`` keeps full precision even when ``|mean|`` is 1e6 times the standard
@@ -115,6 +119,7 @@ cdef inline floating* _opt_mut(floating[::1] a) noexcept:
 
 cdef extern from "_kernels.h" nogil:
     void _stream_fence "fastbn_stream_fence"()
+    enum: F32P_MIN_RUN "FASTBN_F32P_MIN_RUN"
     ctypedef struct Moments "fastbn_moments":
         double mean
         double m2
@@ -124,6 +129,7 @@ cdef extern from "_kernels.h" nogil:
         double x        # sum(x - center)
     Moments run_moments_f32 "fastbn_run_moments_f32"(const float*, Py_ssize_t)
     Moments run_moments_f64 "fastbn_run_moments_f64"(const double*, Py_ssize_t)
+    Moments run_moments_f32p "fastbn_run_moments_f32p"(const float*, Py_ssize_t)
     void run_affine_f32 "fastbn_run_affine_f32"(const float*, float*, Py_ssize_t, float,
                                                 float, float, int)
     void run_affine_f64 "fastbn_run_affine_f64"(const double*, double*, Py_ssize_t, double,
@@ -132,6 +138,8 @@ cdef extern from "_kernels.h" nogil:
                                                           Py_ssize_t, double, GradSums)
     GradSums run_grad_sums_f64 "fastbn_run_grad_sums_f64"(const double*, const double*,
                                                           Py_ssize_t, double, GradSums)
+    GradSums run_grad_sums_f32p "fastbn_run_grad_sums_f32p"(const float*, const float*,
+                                                            Py_ssize_t, double, GradSums)
     void run_grad_input_f32 "fastbn_run_grad_input_f32"(const float*, const float*, float*,
                                                         Py_ssize_t, float, float, float,
                                                         float, int)
@@ -144,6 +152,9 @@ cdef extern from "_kernels.h" nogil:
     void rows_moments_f64 "fastbn_rows_moments_f64"(const double*, Py_ssize_t, Py_ssize_t,
                                                     Py_ssize_t, double*, double*,
                                                     const double*)
+    void rows_moments_f32p "fastbn_rows_moments_f32p"(const float*, Py_ssize_t, Py_ssize_t,
+                                                      Py_ssize_t, double*, double*,
+                                                      const double*)
     void rows_affine_f32 "fastbn_rows_affine_f32"(const float*, float*, Py_ssize_t,
                                                   const float*, const float*, const float*, int)
     void rows_affine_f64 "fastbn_rows_affine_f64"(const double*, double*, Py_ssize_t,
@@ -154,6 +165,9 @@ cdef extern from "_kernels.h" nogil:
     void rows_grad_sums_f64 "fastbn_rows_grad_sums_f64"(const double*, const double*,
                                                         Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                                         const double*, double*)
+    void rows_grad_sums_f32p "fastbn_rows_grad_sums_f32p"(const float*, const float*,
+                                                          Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                                          const double*, double*)
     void rows_grad_input_f32 "fastbn_rows_grad_input_f32"(const float*, const float*, float*,
                                                           Py_ssize_t, const float*,
                                                           const float*, const float*,
@@ -283,6 +297,8 @@ cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
 # its thread, one written through a pointer would be shared.
 cdef inline Moments _run_moments(const floating* p, Py_ssize_t s) noexcept nogil:
     if floating is float:
+        if _f32_partials and s >= F32P_MIN_RUN:
+            return run_moments_f32p(p, s)
         return run_moments_f32(p, s)
     else:
         return run_moments_f64(p, s)
@@ -299,6 +315,8 @@ cdef inline void _run_affine(const floating* x, floating* y, Py_ssize_t s, float
 cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ssize_t s,
                                     double center, GradSums acc) noexcept nogil:
     if floating is float:
+        if _f32_partials and s >= F32P_MIN_RUN:
+            return run_grad_sums_f32p(dy, x, s, center, acc)
         return run_grad_sums_f32(dy, x, s, center, acc)
     else:
         return run_grad_sums_f64(dy, x, s, center, acc)
@@ -488,6 +506,21 @@ def set_streaming(int mode):
     """
     global _streaming
     _streaming = _check_mode(mode, "streaming mode")
+
+
+cdef bint _f32_partials = True
+
+
+def set_float32_partials(bint on):
+    """Sum float32 input in float32 partials (the default) or widen every value.
+
+    For tests and tuning. The ``_f32p`` kernels of _kernels.h sum short runs of
+    deviations in float32 before adding them in float64; with ``on`` false every
+    float32 reduction uses the float64 kernels that float64 input uses, the
+    reference the partials are tested against.
+    """
+    global _f32_partials
+    _f32_partials = on
 
 
 # Where streaming starts, in eighths of the L3 (see _streams).
@@ -859,7 +892,10 @@ cdef inline void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_
                                Py_ssize_t r1, double* su, double* sq,
                                const double* shift) noexcept nogil:
     if floating is float:
-        rows_moments_f32(base, width, r0, r1, su, sq, shift)
+        if _f32_partials:
+            rows_moments_f32p(base, width, r0, r1, su, sq, shift)
+        else:
+            rows_moments_f32(base, width, r0, r1, su, sq, shift)
     else:
         rows_moments_f64(base, width, r0, r1, su, sq, shift)
 
@@ -1111,7 +1147,10 @@ cdef inline void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize
                                  Py_ssize_t r0, Py_ssize_t r1, const double* center,
                                  double* out) noexcept nogil:
     if floating is float:
-        rows_grad_sums_f32(dy, x, width, r0, r1, center, out)
+        if _f32_partials:
+            rows_grad_sums_f32p(dy, x, width, r0, r1, center, out)
+        else:
+            rows_grad_sums_f32(dy, x, width, r0, r1, center, out)
     else:
         rows_grad_sums_f64(dy, x, width, r0, r1, center, out)
 

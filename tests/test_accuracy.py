@@ -32,7 +32,10 @@ def test_float32_large_offset_matches_float64_reference(offset, shape, layout):
     ry, mean, var = ref.forward_train(x, None, None, 1e-5)
     # y is in units of the channel's std already
     assert _relative_error(y, ry, 1.0) < 2e-6
-    np.testing.assert_allclose(sm, mean, rtol=1e-7)
+    # the mean to 1e-7 of the channel's std (each float32 value carries 6e-8 of its own
+    # size), plus the rounding of the float32 result; at offset 1e6 that rounding is
+    # 0.03 while PyTorch is off by a whole std and more
+    assert (np.abs(sm - mean) <= 1e-7 * np.sqrt(var) + 2.0**-24 * np.abs(mean)).all()
     np.testing.assert_allclose(si, 1 / np.sqrt(var + 1e-5), rtol=1e-6)
     w = np.ones(shape[1], np.float32)
     gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, None, None, sm, si, True, 1e-5)

@@ -19,7 +19,7 @@ sys.path.insert(0, sys.argv[1])
 import fastbn
 assert fastbn.__file__.startswith(sys.argv[1]), fastbn.__file__
 from fastbn import _cpu
-x = np.load(sys.argv[2])
+x = np.moveaxis(np.load(sys.argv[2]), -1, 1)   # back to the parent's channels-last view
 y, sm, si = fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
 gx, _, _ = fastbn.batch_norm_backward(x, x, None, None, None, sm, si, True, 1e-5)
 np.savez(sys.argv[3], y=y, gx=gx, openmp=_cpu.HAVE_OPENMP, threads=fastbn.get_num_threads())
@@ -40,7 +40,8 @@ def test_serial_build_matches_openmp_build(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     assert "OpenMP disabled by FASTBN_OPENMP" in build.stderr
     x = make((6, 4, 9, 11), np.float32, offset=100.0, layout="channels_last")
-    np.save(tmp_path / "x.npy", x)
+    # saved as NHWC memory: np.save would make the NCHW view C-contiguous (another layout)
+    np.save(tmp_path / "x.npy", np.moveaxis(x, 1, -1))
     subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "x.npy"),
                     str(tmp_path / "out.npz")], check=True, cwd=tmp_path)
     out = np.load(tmp_path / "out.npz")
