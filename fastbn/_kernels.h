@@ -177,7 +177,10 @@ static inline double fastbn_tree8(const double *v) {
  * Explicit 4 x double vectors (GCC/Clang vector extensions) for the float64
  * accumulations: the auto-vectoriser does not turn the float -> double lanes
  * below into SIMD on its own. Lane j of (lo, hi) = lane j of the scalar code, so
- * both spellings sum in the same order. Other compilers take the scalar path.
+ * both spellings sum in the same order; GCC contracts the float64 multiply-adds
+ * of the two differently, so their last bits can differ (the float32 partials
+ * below come out identical; tests/test_build.py builds the scalar spelling).
+ * Other compilers take the scalar path.
  */
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(FASTBN_NO_VECTOR_EXT)
 #define FASTBN_VEC 1
