@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 
-import fastbn
 from helpers import backward_outputs as compute, make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
