@@ -33,11 +33,12 @@ are bit-identical for any thread count.
 
 Accuracy: statistics are sums of deviations from a shift (the first value of each
 plane, or the first folded row of each block), added in float64 and merged with
-Chan's formula, so the variance stays exact for data with a large mean. float32
-input is summed in float32 partials of at most 8 deviations first (the ``_f32p``
-kernels of _kernels.h: half the arithmetic, which is what limits these passes on
-cached data), with a float64 fallback wherever a partial would lose precision;
-``set_float32_partials(False)`` widens every value instead. Elementwise passes compute
+Chan's formula, so the variance stays exact for data with a large mean. The mean
+and variance of float32 input are summed in float32 partials of at most 8
+deviations first (the ``_f32p`` kernels of _kernels.h: half the arithmetic, which
+is what limits these passes on cached data), with a float64 fallback wherever a
+partial could lose precision; ``set_float32_partials(False)`` widens every value
+instead. The backward sums widen every value (their terms can cancel). Elementwise passes compute
 ``(x - hi) * scale + shift``, where ``hi`` is the float64 mean rounded to the
 input's type and the rounding left over is folded into ``shift`` in float64, so
 ``x - mean`` keeps full precision even when ``|mean|`` is 1e6 times the standard
@@ -138,8 +139,6 @@ cdef extern from "_kernels.h" nogil:
                                                           Py_ssize_t, double, GradSums)
     GradSums run_grad_sums_f64 "fastbn_run_grad_sums_f64"(const double*, const double*,
                                                           Py_ssize_t, double, GradSums)
-    GradSums run_grad_sums_f32p "fastbn_run_grad_sums_f32p"(const float*, const float*,
-                                                            Py_ssize_t, double, GradSums)
     void run_grad_input_f32 "fastbn_run_grad_input_f32"(const float*, const float*, float*,
                                                         Py_ssize_t, float, float, float,
                                                         float, int)
@@ -165,9 +164,6 @@ cdef extern from "_kernels.h" nogil:
     void rows_grad_sums_f64 "fastbn_rows_grad_sums_f64"(const double*, const double*,
                                                         Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                                         const double*, double*)
-    void rows_grad_sums_f32p "fastbn_rows_grad_sums_f32p"(const float*, const float*,
-                                                          Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                                                          const double*, double*)
     void rows_grad_input_f32 "fastbn_rows_grad_input_f32"(const float*, const float*, float*,
                                                           Py_ssize_t, const float*,
                                                           const float*, const float*,
@@ -315,8 +311,6 @@ cdef inline void _run_affine(const floating* x, floating* y, Py_ssize_t s, float
 cdef inline GradSums _run_grad_sums(const floating* dy, const floating* x, Py_ssize_t s,
                                     double center, GradSums acc) noexcept nogil:
     if floating is float:
-        if _f32_partials and s >= F32P_MIN_RUN:
-            return run_grad_sums_f32p(dy, x, s, center, acc)
         return run_grad_sums_f32(dy, x, s, center, acc)
     else:
         return run_grad_sums_f64(dy, x, s, center, acc)
@@ -955,15 +949,30 @@ cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* tot,
     return acc
 
 
+cdef inline double _pilot(const floating* p, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
+    """The mean of the first (up to 16) of n values, rounded to the input's type.
+
+    The shift of the channel-inner sums: the float32 partials (_kernels.h, whose
+    fastbn_pilot_f32 is this for the channel-outer runs) need it within about a
+    standard deviation of the mean, and it must be a value of the input's type.
+    """
+    cdef Py_ssize_t m = n if n < 16 else 16, i
+    cdef double acc = 0
+    for i in range(m):
+        acc = acc + <double> p[i * stride] / <double> m
+    return <double> <floating> acc
+
+
 cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, double* mean,
                          double* m2, int num_threads) noexcept nogil:
     """Per-channel mean and M2 of an (M, C) array; ``scratch``: _moments_scratch(bl).
 
-    Sums are taken around one shift per folded column, its value in the first
-    folded row (for the tail rows: the channel's first value). With float64
-    sums the cancellation in ``sq - tot**2 / n`` costs at most about
-    ``n * 1e-16`` of M2 relative, even when that first value is an outlier: an
-    outlier far from the mean also makes M2 itself large.
+    Sums are taken around one shift per folded column, the _pilot of its first
+    folded rows (for the tail rows: of the channel's first tail rows). With
+    float64 sums the cancellation in ``sq - tot**2 / n`` costs at most about
+    ``n * 1e-16`` of M2 relative, even when those rows hold an outlier: an
+    outlier far from the mean also makes M2 itself large. The float32 partials
+    check the cancellation and redo a column in float64 where it is too large.
     """
     cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width
     cdef Py_ssize_t groups = bl.blocks + 1, blk, r0, c, j
@@ -976,10 +985,10 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
     cdef Moments mo
     if bl.body_rows > 0:
         for j in range(width):
-            shift[j] = base[j]
+            shift[j] = _pilot(base + j, bl.body_rows, width)
     else:
         for j in range(n_chan):
-            shift[j] = tail[j]
+            shift[j] = _pilot(tail + j, bl.tail, n_chan)
     for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
         r0 = blk * bl.rows_per_block
         _rows_moments(base, width, r0, _block_end(bl, blk), &su[blk * width],
@@ -1147,10 +1156,7 @@ cdef inline void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize
                                  Py_ssize_t r0, Py_ssize_t r1, const double* center,
                                  double* out) noexcept nogil:
     if floating is float:
-        if _f32_partials:
-            rows_grad_sums_f32p(dy, x, width, r0, r1, center, out)
-        else:
-            rows_grad_sums_f32(dy, x, width, r0, r1, center, out)
+        rows_grad_sums_f32(dy, x, width, r0, r1, center, out)
     else:
         rows_grad_sums_f64(dy, x, width, r0, r1, center, out)
 

@@ -448,7 +448,7 @@ FASTBN_DEFINE_KERNELS(float, f32)
 FASTBN_DEFINE_KERNELS(double, f64)
 
 /*
- * float32 reductions with float32 partials ("_f32p"), used for float32 input.
+ * float32 moments with float32 partials ("_f32p"), used for float32 input.
  *
  * Widening every value to double costs a conversion and double-width arithmetic
  * per value, and where the data come from the L2 or the L3 that arithmetic, not
@@ -460,20 +460,27 @@ FASTBN_DEFINE_KERNELS(double, f64)
  * Each float lane sums a short run of deviations from a shift (at most
  * FASTBN_F32_PART values), then the partial is added to float64 lanes, so the
  * rounding of a partial is relative to a few deviations, never to the offset of
- * the data or to the running total: the mean comes out within about 1e-8 of the
- * standard deviation, where the float64 kernels are exact to 1e-16 (tests/
- * test_accuracy.py). For the sum of squares the bound is about
- * (FASTBN_F32_PART + 1) * 2**-24 * sum (x - shift)**2, small against M2 only if the
- * shift is near the mean: the moments check that ratio (FASTBN_F32_CANCEL), the
- * range (no float overflow or underflow) and finiteness, and recompute in float64
- * wherever a check fails (NaN input included), so odd data cost time, not
- * precision. The grad sums are taken around the mean, where that ratio is about 1;
- * they fall back on overflow and non-finite values, not on underflow (products
- * below 1e-38 lose precision, as they would in any float32 arithmetic).
+ * the data or to the running total. The errors are bounded by the sum of squared
+ * deviations from the shift: the sum within about FASTBN_F32_PART * 2**-24 *
+ * sqrt(n * squares), the squares within FASTBN_F32_PART * 2**-24 * squares, and M2
+ * (squares less the shift's share) within about 3 * FASTBN_F32_PART * 2**-24 *
+ * squares. The shift is a pilot mean of the first values, and the kernels check
+ * that squares <= FASTBN_F32_CANCEL * M2 (the shift within one standard deviation
+ * of the mean), the range (no float overflow or underflow) and finiteness, and
+ * redo the sums in float64 wherever a check fails (NaN input included): M2 is
+ * then within about 3e-6 relative and the mean within 7e-7 standard deviations in
+ * the worst case (typically 1e-7 and 1e-8), where the float64 kernels are exact to
+ * about 1e-15. Odd data cost time, not precision.
+ *
+ * Reductions of products (the grad sums) stay in float64: their terms can cancel
+ * (a gradient with a large common part, a running mean far from the batch) and
+ * no cheap check bounds a float32 partial of dy * (x - c) against the result.
  * Summation order depends only on the run length or row width, as above.
  */
 #define FASTBN_F32_PART 8
-#define FASTBN_F32_CANCEL 16.0
+#define FASTBN_F32_CANCEL 2.0
+/* values averaged for the pilot shift */
+#define FASTBN_F32_PILOT 16
 /* Callers use the run kernels below for runs of at least this many values: shorter
    ones (the 49-value planes of a 7x7 layer) spend more on folding partials and on
    the checks than they save (1.10-1.18x the time of the float64 kernels). */
@@ -486,14 +493,11 @@ FASTBN_DEFINE_KERNELS(double, f64)
 static inline int fastbn_f32p_moments_ok(double total, double squares, double n,
                                          double inv_n) {
     double m2 = squares - total * total * inv_n;
-    return ((squares == 0) & (total == 0))            /* every deviation exactly 0 */
+    /* squares == 0 means every deviation is below 2**-75 (or 0), so the variance is
+       below float32's smallest subnormal: 0 is what a float32 result holds anyway */
+    return ((squares == 0) & (total == 0))
            | ((squares <= FASTBN_F32_CANCEL * m2) & (squares >= n * FASTBN_F32_TINY)
               & (squares <= 1e300));                  /* false for NaN and inf */
-}
-
-static inline int fastbn_f32p_finite3(double a, double b, double c) {
-    double t = a * 0 + b * 0 + c * 0;   /* NaN if any is inf or NaN */
-    return t == t;
 }
 
 #ifdef FASTBN_VEC
@@ -534,21 +538,6 @@ FASTBN_VINLINE void fastbn_add_partial(double *lanes, fastbn_v16f a) {
         fastbn_add_partial(s, a);                                                           \
         fastbn_add_partial(q, b);                                                           \
     }
-#define FASTBN_F32P_GRAD_SUMS_RUN                                                           \
-    while (i < n16) {                                                                       \
-        ptrdiff_t end = n16 - i > 16 * FASTBN_F32_PART ? i + 16 * FASTBN_F32_PART : n16;    \
-        fastbn_v16f a = fastbn_load16_f32(dy + i), e = fastbn_load16_f32(x + i) - cf;       \
-        fastbn_v16f b = a * e;                                                              \
-        for (i += 16; i < end; i += 16) {                                                   \
-            fastbn_v16f d = fastbn_load16_f32(dy + i), f = fastbn_load16_f32(x + i) - cf;   \
-            a += d;                                                                         \
-            b += d * f;                                                                     \
-            e += f;                                                                         \
-        }                                                                                   \
-        fastbn_add_partial(g, a);                                                           \
-        fastbn_add_partial(pp, b);                                                          \
-        fastbn_add_partial(q, e);                                                           \
-    }
 #else
 /* the same order, lane by lane */
 #define FASTBN_F32P_MOMENTS_RUN                                                             \
@@ -566,29 +555,21 @@ FASTBN_VINLINE void fastbn_add_partial(double *lanes, fastbn_v16f a) {
         }                                                                                   \
         i = end;                                                                            \
     }
-#define FASTBN_F32P_GRAD_SUMS_RUN                                                           \
-    while (i < n16) {                                                                       \
-        ptrdiff_t end = n16 - i > 16 * FASTBN_F32_PART ? i + 16 * FASTBN_F32_PART : n16;    \
-        for (int j = 0; j < 16; j++) {                                                      \
-            float a = dy[i + j], e = x[i + j] - cf, b = a * e;                              \
-            for (ptrdiff_t k = i + 16 + j; k < end; k += 16) {                              \
-                float d = dy[k], f = x[k] - cf;                                             \
-                a += d;                                                                     \
-                b += d * f;                                                                 \
-                e += f;                                                                     \
-            }                                                                               \
-            g[j] += (double)a;                                                              \
-            pp[j] += (double)b;                                                             \
-            q[j] += (double)e;                                                              \
-        }                                                                                   \
-        i = end;                                                                            \
-    }
 #endif
+
+/* The shift for float32 partials: the mean of the first values, rounded to float. */
+static inline float fastbn_pilot_f32(const float *p, ptrdiff_t n, ptrdiff_t stride) {
+    const ptrdiff_t m = n < FASTBN_F32_PILOT ? n : FASTBN_F32_PILOT;
+    double acc = 0;
+    for (ptrdiff_t i = 0; i < m; i++)
+        acc += (double)p[i * stride] / (double)m;
+    return (float)acc;
+}
 
 /* fastbn_run_moments_f32 with float32 partials (same result type and meaning). */
 FASTBN_KERNEL fastbn_moments fastbn_run_moments_f32p(const float *FASTBN_RESTRICT p,
                                                      ptrdiff_t n) {
-    const float sf = p[0];
+    const float sf = fastbn_pilot_f32(p, n, 1);
     const double shift = (double)sf;
     double s[16] = {0}, q[16] = {0};
     ptrdiff_t i = 0, n16 = n - n % 16;
@@ -609,36 +590,11 @@ FASTBN_KERNEL fastbn_moments fastbn_run_moments_f32p(const float *FASTBN_RESTRIC
     return r;
 }
 
-/* fastbn_run_grad_sums_f32 with float32 partials, taken around center rounded to float
-   and moved to center in float64. */
-FASTBN_KERNEL fastbn_gradsums fastbn_run_grad_sums_f32p(const float *FASTBN_RESTRICT dy,
-        const float *FASTBN_RESTRICT x, ptrdiff_t n, double center, fastbn_gradsums acc) {
-    const float cf = (float)center;
-    const double c = (double)cf, moved = c - center;
-    double g[16] = {0}, pp[16] = {0}, q[16] = {0};
-    ptrdiff_t i = 0, n16 = n - n % 16;
-    FASTBN_F32P_GRAD_SUMS_RUN
-    for (; i < n; i++) {
-        double d = (double)dy[i], e = (double)x[i] - c;
-        g[0] += d;
-        pp[0] += d * e;
-        q[0] += e;
-    }
-    double tg = fastbn_tree8(g) + fastbn_tree8(g + 8);
-    double tp = fastbn_tree8(pp) + fastbn_tree8(pp + 8);
-    double tq = fastbn_tree8(q) + fastbn_tree8(q + 8);
-    if (!fastbn_f32p_finite3(tg, tp, tq))
-        return fastbn_run_grad_sums_f32(dy, x, n, center, acc);
-    acc.dy += tg;
-    acc.dyx += tp + moved * tg;     /* sum dy * (x - center), from the sums around c */
-    acc.x += tq + moved * (double)n;
-    return acc;
-}
-
 /* Rows per sweep of the _f32p row reductions: the length of a float partial. Wide
-   rows stream well with more rows in flight; narrow ones keep up their prefetches
-   only with 4 (C harness, 2 threads: (4096, 1024) moments 0.163 ms at 8, 0.217 at 4;
-   (100352, 64) 0.335 ms at 8, 0.280 at 4). */
+   rows stream well with more rows in flight ((4096, 1024) moments in a C harness, 2
+   threads: 0.163 ms at 8, 0.217 at 4). Narrow rows, which only the tail rows of a
+   folded (M, C) call with C < 512 have, keep up their prefetches with 4 (unfolded
+   rows of 64 values in the same harness: 0.280 ms at 4, 0.335 at 8). */
 #define FASTBN_F32P_ROWS(w) ((w) * (ptrdiff_t)sizeof(float) >= FASTBN_WIDE_ROW ? 8 : 4)
 
 /* Column j of the sweep starting at row a0, scalar; the vector form below takes 16
@@ -687,7 +643,8 @@ FASTBN_VINLINE fastbn_v16f fastbn_load16_f64_as_f32(const double *p) {
         FASTBN_F32P_ROWS_MOMENTS_COLUMN(RB, j)
 #endif
 /* fastbn_rows_moments_f32 with float32 partials: the same sums, column by column.
-   Every shift[j] must be a float value (_cpu.pyx passes a row of x). */
+   Every shift[j] must be a float value (_cpu.pyx passes fastbn_pilot_f32 of the
+   column). */
 FASTBN_KERNEL void fastbn_rows_moments_f32p(const float *FASTBN_RESTRICT base, ptrdiff_t w,
         ptrdiff_t r0, ptrdiff_t r1, double *FASTBN_RESTRICT su, double *FASTBN_RESTRICT sq,
         const double *FASTBN_RESTRICT shift) {
@@ -732,104 +689,6 @@ FASTBN_KERNEL void fastbn_rows_moments_f32p(const float *FASTBN_RESTRICT base, p
         }
         su[j] = ts;
         sq[j] = tq;
-    }
-}
-
-#define FASTBN_F32P_ROWS_GRAD_SUMS_COLUMN(RB, j)                                            \
-    {                                                                                       \
-        const float c = (float)center[j];                                                   \
-        float d = dy0[j], e = x0[j] - c, pg = d, pp = d * e, pq = e;                        \
-        for (int k = 1; k < (RB); k++) {                                                    \
-            d = dy0[j + k * w];                                                             \
-            e = x0[j + k * w] - c;                                                          \
-            pg += d;                                                                        \
-            pp += d * e;                                                                    \
-            pq += e;                                                                        \
-        }                                                                                   \
-        g[j] += (double)pg;                                                                 \
-        p[j] += (double)pp;                                                                 \
-        q[j] += (double)pq;                                                                 \
-    }
-#ifdef FASTBN_VEC
-#define FASTBN_F32P_ROWS_GRAD_SUMS_SWEEP(RB)                                                \
-    {                                                                                       \
-        ptrdiff_t j = 0;                                                                    \
-        for (; j + 16 <= w; j += 16) {                                                      \
-            const fastbn_v16f c = fastbn_load16_f64_as_f32(center + j);                     \
-            fastbn_v16f d = fastbn_load16_f32(dy0 + j), e = fastbn_load16_f32(x0 + j) - c;  \
-            fastbn_v16f pg = d, pp = d * e, pq = e;                                         \
-            for (int k = 1; k < (RB); k++) {                                                \
-                d = fastbn_load16_f32(dy0 + j + k * w);                                     \
-                e = fastbn_load16_f32(x0 + j + k * w) - c;                                  \
-                pg += d;                                                                    \
-                pp += d * e;                                                                \
-                pq += e;                                                                    \
-            }                                                                               \
-            fastbn_add_partial(g + j, pg);                                                  \
-            fastbn_add_partial(p + j, pp);                                                  \
-            fastbn_add_partial(q + j, pq);                                                  \
-        }                                                                                   \
-        for (; j < w; j++)                                                                  \
-            FASTBN_F32P_ROWS_GRAD_SUMS_COLUMN(RB, j)                                        \
-    }
-#else
-#define FASTBN_F32P_ROWS_GRAD_SUMS_SWEEP(RB)                                                \
-    for (ptrdiff_t j = 0; j < w; j++)                                                       \
-        FASTBN_F32P_ROWS_GRAD_SUMS_COLUMN(RB, j)
-#endif
-
-/* fastbn_rows_grad_sums_f32 with float32 partials around center rounded to float,
-   moved to center in float64. */
-FASTBN_KERNEL void fastbn_rows_grad_sums_f32p(const float *FASTBN_RESTRICT dy,
-        const float *FASTBN_RESTRICT x, ptrdiff_t w, ptrdiff_t r0, ptrdiff_t r1,
-        const double *FASTBN_RESTRICT center, double *FASTBN_RESTRICT out) {
-    double *FASTBN_RESTRICT g = out;
-    double *FASTBN_RESTRICT p = out + w;
-    double *FASTBN_RESTRICT q = out + 2 * w;
-    memset(out, 0, 3 * (size_t)w * sizeof(double));
-    ptrdiff_t r = r0, ahead = FASTBN_AHEAD(float, w) * w;
-    if (FASTBN_F32P_ROWS(w) == 8) {
-        for (; r + 8 <= r1; r += 8) {
-            const float *FASTBN_RESTRICT dy0 = dy + r * w, *FASTBN_RESTRICT x0 = x + r * w;
-            FASTBN_F32P_ROWS_GRAD_SUMS_SWEEP(8)
-        }
-    }
-    for (; r + 4 <= r1; r += 4) {
-        const float *FASTBN_RESTRICT dy0 = dy + r * w, *FASTBN_RESTRICT x0 = x + r * w;
-        if (FASTBN_F32P_ROWS(w) == 4)
-            for (ptrdiff_t k = 0; k < 4 * w; k += FASTBN_LINE_VALUES(float)) {
-                FASTBN_PREFETCH(dy0 + ahead + k);
-                FASTBN_PREFETCH(x0 + ahead + k);
-            }
-        FASTBN_F32P_ROWS_GRAD_SUMS_SWEEP(4)
-    }
-    for (; r < r1; r++) {
-        const float *FASTBN_RESTRICT rdy = dy + r * w, *FASTBN_RESTRICT rx = x + r * w;
-        for (ptrdiff_t j = 0; j < w; j++) {
-            double d = (double)rdy[j], e = (double)rx[j] - (double)(float)center[j];
-            g[j] += d;
-            p[j] += d * e;
-            q[j] += e;
-        }
-    }
-    const double cnt = (double)(r1 - r0);
-    for (ptrdiff_t j = 0; j < w; j++) {
-        if (fastbn_f32p_finite3(g[j], p[j], q[j])) {
-            const double moved = (double)(float)center[j] - center[j];
-            p[j] += moved * g[j];
-            q[j] += moved * cnt;
-            continue;
-        }
-        double tg = 0, tp = 0, tq = 0;
-        for (ptrdiff_t i = r0; i < r1; i++) {
-            double d = (double)dy[i * w + j], e = (double)x[i * w + j] - center[j];
-            tg += d;
-            tp += d * e;
-            tq += e;
-        }
-        g[j] = tg;
-        p[j] = tp;
-        q[j] = tq;
     }
 }
 
