@@ -950,16 +950,19 @@ cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* tot,
 
 
 cdef inline double _pilot(const floating* p, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
-    """The mean of the first (up to 16) of n values, rounded to the input's type.
+    """The mean of 16 (or n) of the n values p[0], p[stride], ..., spread evenly,
+    rounded to the input's type.
 
     The shift of the channel-inner sums: the float32 partials (_kernels.h, whose
     fastbn_pilot_f32 is this for the channel-outer runs) need it within about a
-    standard deviation of the mean, and it must be a value of the input's type.
+    standard deviation of each block's mean, and it must be a value of the
+    input's type. Spread over all rows, so that the first rows (the first
+    image's first pixels) do not decide it alone.
     """
     cdef Py_ssize_t m = n if n < 16 else 16, i
     cdef double acc = 0
     for i in range(m):
-        acc = acc + <double> p[i * stride] / <double> m
+        acc = acc + <double> p[i * n // m * stride] / <double> m
     return <double> <floating> acc
 
 
@@ -967,8 +970,8 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
                          double* m2, int num_threads) noexcept nogil:
     """Per-channel mean and M2 of an (M, C) array; ``scratch``: _moments_scratch(bl).
 
-    Sums are taken around one shift per folded column, the _pilot of its first
-    folded rows (for the tail rows: of the channel's first tail rows). With
+    Sums are taken around one shift per folded column, the _pilot of its
+    folded rows (for the tail rows: of the channel's tail rows). With
     float64 sums the cancellation in ``sq - tot**2 / n`` costs at most about
     ``n * 1e-16`` of M2 relative, even when those rows hold an outlier: an
     outlier far from the mean also makes M2 itself large. The float32 partials

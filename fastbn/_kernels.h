@@ -464,7 +464,7 @@ FASTBN_DEFINE_KERNELS(double, f64)
  * deviations from the shift: the sum within about FASTBN_F32_PART * 2**-24 *
  * sqrt(n * squares), the squares within FASTBN_F32_PART * 2**-24 * squares, and M2
  * (squares less the shift's share) within about 3 * FASTBN_F32_PART * 2**-24 *
- * squares. The shift is a pilot mean of the first values, and the kernels check
+ * squares. The shift is a pilot mean of a few values, and the kernels check
  * that squares <= FASTBN_F32_CANCEL * M2 (the shift within one standard deviation
  * of the mean), the range (no float overflow or underflow) and finiteness, and
  * redo the sums in float64 wherever a check fails (NaN input included): M2 is
@@ -481,6 +481,8 @@ FASTBN_DEFINE_KERNELS(double, f64)
 #define FASTBN_F32_CANCEL 2.0
 /* values averaged for the pilot shift */
 #define FASTBN_F32_PILOT 16
+/* a block of rows with more failed columns is summed again whole */
+#define FASTBN_F32P_REDO_COLUMNS 8
 /* Callers use the run kernels below for runs of at least this many values: shorter
    ones (the 49-value planes of a 7x7 layer) spend more on folding partials and on
    the checks than they save (1.10-1.18x the time of the float64 kernels). */
@@ -557,12 +559,16 @@ FASTBN_VINLINE void fastbn_add_partial(double *lanes, fastbn_v16f a) {
     }
 #endif
 
-/* The shift for float32 partials: the mean of the first values, rounded to float. */
+/* The shift for float32 partials: the mean of FASTBN_F32_PILOT values spread evenly
+   over the n values p[0], p[stride], ..., rounded to float. Spread, not the first
+   ones: in an image plane the first values are one edge of the image, which can
+   sit far from the plane's mean, and every plane that fails the check is summed
+   twice. _pilot in _cpu.pyx is the same for the channel-inner columns. */
 static inline float fastbn_pilot_f32(const float *p, ptrdiff_t n, ptrdiff_t stride) {
     const ptrdiff_t m = n < FASTBN_F32_PILOT ? n : FASTBN_F32_PILOT;
     double acc = 0;
     for (ptrdiff_t i = 0; i < m; i++)
-        acc += (double)p[i * stride] / (double)m;
+        acc += (double)p[i * n / m * stride] / (double)m;
     return (float)acc;
 }
 
@@ -643,8 +649,7 @@ FASTBN_VINLINE fastbn_v16f fastbn_load16_f64_as_f32(const double *p) {
         FASTBN_F32P_ROWS_MOMENTS_COLUMN(RB, j)
 #endif
 /* fastbn_rows_moments_f32 with float32 partials: the same sums, column by column.
-   Every shift[j] must be a float value (_cpu.pyx passes fastbn_pilot_f32 of the
-   column). */
+   Every shift[j] must be a float value (_cpu.pyx passes the pilot of the column). */
 FASTBN_KERNEL void fastbn_rows_moments_f32p(const float *FASTBN_RESTRICT base, ptrdiff_t w,
         ptrdiff_t r0, ptrdiff_t r1, double *FASTBN_RESTRICT su, double *FASTBN_RESTRICT sq,
         const double *FASTBN_RESTRICT shift) {
@@ -675,10 +680,16 @@ FASTBN_KERNEL void fastbn_rows_moments_f32p(const float *FASTBN_RESTRICT base, p
         }
     }
     const double cnt = (double)(r1 - r0), inv = 1.0 / cnt;
-    int all_ok = 1;
+    ptrdiff_t failed = 0;
     for (ptrdiff_t j = 0; j < w; j++)
-        all_ok &= fastbn_f32p_moments_ok(su[j], sq[j], cnt, inv);
-    for (ptrdiff_t j = 0; !all_ok && j < w; j++) {
+        failed += !fastbn_f32p_moments_ok(su[j], sq[j], cnt, inv);
+    if (failed > FASTBN_F32P_REDO_COLUMNS) {
+        /* many columns: the float64 kernel over the block costs about what the
+           partials did; column by column (strided) it cost up to 3x the call */
+        fastbn_rows_moments_f32(base, w, r0, r1, su, sq, shift);
+        return;
+    }
+    for (ptrdiff_t j = 0; failed && j < w; j++) {
         if (fastbn_f32p_moments_ok(su[j], sq[j], cnt, inv))
             continue;
         double ts = 0, tq = 0;

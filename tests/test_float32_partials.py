@@ -53,29 +53,49 @@ def test_switch_is_obeyed():
     assert not np.array_equal(_moments(rows, True)[1], _moments(rows, False)[1])
 
 
-def _with_first_values(x, value, count=16):
-    """x with the first ``count`` values of every plane (channel-outer) or the first
-    ``count`` rows (channel-inner) set to ``value``."""
+PILOT_COLUMNS = [0, 5, 77, 1023]
+
+
+def _with_pilot_values(x, value):
+    """x with the 16 values the pilot shift averages set to ``value``: in every plane
+    (channel-outer) values i * S // 16 of its S, in (M, C) with C >= 1024 (not
+    folded) rows i * M // 16, for i = 0 .. 15."""
     x = x.copy()
     if x.ndim == 2:
-        x[:count, :] = value
+        assert x.shape[1] >= 1024
+        # four columns: fewer than FASTBN_F32P_REDO_COLUMNS fail in each block, so
+        # they are summed again column by column
+        x[np.ix_([i * x.shape[0] // 16 for i in range(16)], PILOT_COLUMNS)] = value
     else:
-        x.reshape(x.shape[0], x.shape[1], -1)[:, :, :count] = value
+        planes = x.reshape(x.shape[0], x.shape[1], -1)
+        planes[:, :, [i * planes.shape[2] // 16 for i in range(16)]] = value
     return x
 
 
-# (shape, values set): (2000, 600) is folded to rows of 1200 values (two input rows
-# each), so its first 16 folded rows are the first 32 input rows
-@pytest.mark.parametrize("shape,count", [((4, 3, 16, 16), 16), ((2000, 1024), 16),
-                                         ((2000, 600), 32)])
-def test_shift_far_from_the_mean_falls_back_to_float64(shape, count):
-    """The shift is the mean of the first 16 values of a plane or column. When those
+@pytest.mark.parametrize("shape", [(4, 3, 16, 16), (3, 4, 16, 16, 16), (2000, 1024)])
+def test_shift_far_from_the_mean_falls_back_to_float64(shape):
+    """The shift is the mean of 16 values spread over a plane or column. When those
     are a cluster 1e4 standard deviations away from the rest, the squared deviations
     from it are more than twice M2 (FASTBN_F32_CANCEL) for every plane and every
-    block of rows (blocks here hold 125-250 rows, of which at most 16 are in the
-    cluster), and the kernels sum them again in float64: the result is exact to
-    float64 rounding (with float32 partials it would be off by about 1e-7)."""
-    x = _with_first_values(make(shape, np.float32, seed=35), 1e4, count)
+    block of rows (blocks of 250 rows here, 2 of them in the cluster), and the
+    kernels sum them again in float64: the result is exact to float64 rounding
+    (with float32 partials it would be off by about 1e-7)."""
+    x = _with_pilot_values(make(shape, np.float32, seed=35), 1e4)
+    want_mean, want_var = ref.moments(x)
+    mean, var = _moments(x, True)
+    cols = PILOT_COLUMNS if x.ndim == 2 else slice(None)
+    np.testing.assert_allclose(var[cols], want_var[cols], rtol=1e-10)
+    assert (np.abs(mean - want_mean)[cols] <= 1e-10 * np.sqrt(want_var[cols])).all()
+
+
+def test_many_failed_columns_redo_the_block():
+    """Every block of 250 rows at its own level (0, 10, ..., 70, noise of std 1): the
+    pilot is near 35, at least 5 std from every block's mean, so all columns fail in
+    every block and the blocks are summed again whole by the float64 kernel (a cost
+    bound: column by column, strided, took up to 3x the call). The result is as
+    exact as the float64 path (with float32 partials: about 5e-7 off)."""
+    x = make((2000, 1024), np.float32, seed=41)
+    x += (np.arange(2000) // 250 * 10).astype(np.float32)[:, None]
     want_mean, want_var = ref.moments(x)
     mean, var = _moments(x, True)
     np.testing.assert_allclose(var, want_var, rtol=1e-10)
