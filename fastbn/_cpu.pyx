@@ -31,14 +31,15 @@ blocks, then folded columns, then the tail). The decomposition depends only on
 the shape, never on the number of threads or on which schedule runs, so results
 are bit-identical for any thread count.
 
-Accuracy: statistics are sums of deviations from a shift (the first value of each
-plane, or the first folded row of each block), added in float64 and merged with
-Chan's formula, so the variance stays exact for data with a large mean. The mean
-and variance of float32 input are summed in float32 partials of at most 8
-deviations first (the ``_f32p`` kernels of _kernels.h: half the arithmetic, which
-is what limits these passes on cached data), with a float64 fallback wherever a
-partial could lose precision; ``set_float32_partials(False)`` widens every value
-instead. The backward sums widen every value (their terms can cancel). Elementwise passes compute
+Accuracy: statistics are sums of deviations from a shift (a pilot mean of 16
+values spread over each folded column, or over each plane for float32 input; the
+first value of each plane for float64 input), added in float64 and merged with
+Chan's formula, so the variance stays exact for data with a large mean. The mean and variance of float32
+input are summed in float32 partials of at most 8 deviations first (the ``_f32p``
+kernels of _kernels.h: half the arithmetic, which is what limits these passes on
+cached data), with a float64 fallback wherever a partial could lose precision;
+``set_float32_partials(False)`` widens every value instead. The backward sums
+widen every value (their terms can cancel). Elementwise passes compute
 ``(x - hi) * scale + shift``, where ``hi`` is the float64 mean rounded to the
 input's type and the rounding left over is folded into ``shift`` in float64, so
 ``x - mean`` keeps full precision even when ``|mean|`` is 1e6 times the standard
@@ -927,7 +928,7 @@ cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* tot,
                                    const double* tail_sq, const double* shift) noexcept nogil:
     """Channel c: its folded columns (sums over all blocks), then the tail.
 
-    Every block sums around the same per-column shift (the first row), so block
+    Every block sums around the same per-column shift (its _pilot), so block
     partials add up plainly (``tot``, ``squares``); only the ``fold`` columns
     and the tail, which have shifts of their own, are merged with Chan's formula.
     """
@@ -971,7 +972,8 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
     """Per-channel mean and M2 of an (M, C) array; ``scratch``: _moments_scratch(bl).
 
     Sums are taken around one shift per folded column, the _pilot of its
-    folded rows (for the tail rows: of the channel's tail rows). With
+    folded rows; the tail rows use the shift of the channel's first folded
+    column (the _pilot of its tail rows when there is no folded row). With
     float64 sums the cancellation in ``sq - tot**2 / n`` costs at most about
     ``n * 1e-16`` of M2 relative, even when those rows hold an outlier: an
     outlier far from the mean also makes M2 itself large. The float32 partials

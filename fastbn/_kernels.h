@@ -453,9 +453,9 @@ FASTBN_DEFINE_KERNELS(double, f64)
  * Widening every value to double costs a conversion and double-width arithmetic
  * per value, and where the data come from the L2 or the L3 that arithmetic, not
  * memory, is the limit. Measured through _cpu (alternating calls of two builds,
- * 2 threads, 2-core EPYC), moments of float32 input took 0.46x the time on the
- * 3-D row (8, 32, 16384), 0.48x on (32, 64, 3136) planes, 0.82x on the folded
- * rows of (100352, 64) and 0.90x on (4096, 1024); from DRAM it makes no difference.
+ * 2 threads, 2-core EPYC), moments of float32 input took 0.48x the time on the
+ * 3-D row (8, 32, 16384), 0.62x on (32, 64, 3136) planes, 0.76x on the folded
+ * rows of (100352, 64) and 0.91x on (4096, 1024); from DRAM it makes no difference.
  *
  * Each float lane sums a short run of deviations from a shift (at most
  * FASTBN_F32_PART values), then the partial is added to float64 lanes, so the
@@ -491,15 +491,17 @@ FASTBN_DEFINE_KERNELS(double, f64)
 #define FASTBN_F32_TINY 7.888609052210118e-31   /* 2**-100 */
 
 /* Whether float32-partial sums of n deviations (sum, sum of squares; inv_n = 1 / n)
-   kept their precision. Branch-free, so that a loop over columns vectorises. */
+   kept their precision. Branch-free, so that a loop over columns vectorises.
+   Squares of 0 fail too: they come from a constant channel (exact either way) or
+   from deviations whose squares all fell below float32's subnormals, which the
+   partials cannot tell apart (a review found the variance reported as 0 where it
+   was 4e-47, which a tiny eps makes visible); constant channels are rare as
+   BatchNorm input and cost one float64 pass. */
 static inline int fastbn_f32p_moments_ok(double total, double squares, double n,
                                          double inv_n) {
     double m2 = squares - total * total * inv_n;
-    /* squares == 0 means every deviation is below 2**-75 (or 0), so the variance is
-       below float32's smallest subnormal: 0 is what a float32 result holds anyway */
-    return ((squares == 0) & (total == 0))
-           | ((squares <= FASTBN_F32_CANCEL * m2) & (squares >= n * FASTBN_F32_TINY)
-              & (squares <= 1e300));                  /* false for NaN and inf */
+    return (squares <= FASTBN_F32_CANCEL * m2) & (squares >= n * FASTBN_F32_TINY)
+           & (squares <= 1e300);                      /* false for NaN and inf */
 }
 
 #ifdef FASTBN_VEC

@@ -105,7 +105,7 @@ def test_channels_with_small_and_large_means_together(shape, layout):
 
 @pytest.mark.parametrize("shape", [(20000, 4), (3000, 200), (50, 3, 20, 20)])
 def test_outlier_in_the_first_row(shape):
-    """The channel-inner sums are taken around the first row; an outlier there must not
+    """The channel-inner sums are taken around a pilot mean; an outlier among its rows must not
     cost precision (it also makes the variance large, which bounds the relative error)."""
     x = make(shape, np.float64, seed=27, layout="channels_last" if len(shape) == 4 else
              "contiguous")
