@@ -34,17 +34,17 @@ are bit-identical for any thread count.
 Accuracy: statistics are sums of deviations from a shift (a pilot mean of 16
 values spread over each folded column, or over each plane for float32 input; the
 first value of each plane for float64 input), added in float64 and merged with
-Chan's formula, so the variance stays exact for data with a large mean. The mean and variance of float32
-input are summed in float32 partials of at most 8 deviations first (the ``_f32p``
-kernels of _kernels.h: half the arithmetic, which is what limits these passes on
-cached data), with a float64 fallback wherever a partial could lose precision;
-``set_float32_partials(False)`` widens every value instead. The backward sums
-widen every value (their terms can cancel). Elementwise passes compute
-``(x - hi) * scale + shift``, where ``hi`` is the float64 mean rounded to the
-input's type and the rounding left over is folded into ``shift`` in float64, so
-``x - mean`` keeps full precision even when ``|mean|`` is 1e6 times the standard
-deviation (``hi`` is 0 where the mean is small enough for one multiply-add to be
-as accurate, see ``FMA_SAFE``).
+Chan's formula, so the variance stays exact for data with a large mean. The mean
+and variance of float32 input are summed in float32 partials of at most 8
+deviations first (the ``_f32p`` kernels of _kernels.h: half the arithmetic, which
+is what limits these passes on cached data), with a float64 fallback wherever a
+partial could lose precision; ``set_float32_partials(False)`` widens every value
+instead. The backward sums widen every value (their terms can cancel).
+Elementwise passes compute ``(x - hi) * scale + shift``, where ``hi`` is the
+float64 mean rounded to the input's type and the rounding left over is folded
+into ``shift`` in float64, so ``x - mean`` keeps full precision even when
+``|mean|`` is 1e6 times the standard deviation (``hi`` is 0 where the mean is
+small enough for one multiply-add to be as accurate, see ``FMA_SAFE``).
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange
