@@ -154,7 +154,7 @@ cdef extern from "_kernels.h" nogil:
                                                     const double*)
     void rows_moments_f32p "fastbn_rows_moments_f32p"(const float*, Py_ssize_t, Py_ssize_t,
                                                       Py_ssize_t, double*, double*,
-                                                      const double*)
+                                                      const double*, double*)
     void rows_affine_f32 "fastbn_rows_affine_f32"(const float*, float*, Py_ssize_t,
                                                   const float*, const float*, const float*, int)
     void rows_affine_f64 "fastbn_rows_affine_f64"(const double*, double*, Py_ssize_t,
@@ -592,6 +592,12 @@ def channel_block(Py_ssize_t n_chan, Py_ssize_t channel_bytes, int num_threads):
     return _channel_block(n_chan, channel_bytes, num_threads)
 
 
+def inner_blocks(Py_ssize_t m, Py_ssize_t n_chan):
+    """``(width, body_rows, rows_per_block, blocks, tail)`` of an (M, C) call (for tests)."""
+    cdef Blocks bl = _blocks(m, n_chan)
+    return bl.width, bl.body_rows, bl.rows_per_block, bl.blocks, bl.tail
+
+
 def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                         const floating[::1] weight, const floating[::1] bias,
                         floating[::1] running_mean, floating[::1] running_var,
@@ -885,10 +891,12 @@ cdef inline Py_ssize_t _block_end(Blocks bl, Py_ssize_t blk) noexcept nogil:
 
 cdef inline void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_t r0,
                                Py_ssize_t r1, double* su, double* sq,
-                               const double* shift) noexcept nogil:
+                               const double* shift, double* local) noexcept nogil:
+    """Column sums of ``x - shift`` and its square over rows [r0, r1); ``local`` is
+    scratch of ``width`` doubles for the float32 partials (see _kernels.h)."""
     if floating is float:
         if _f32_partials:
-            rows_moments_f32p(base, width, r0, r1, su, sq, shift)
+            rows_moments_f32p(base, width, r0, r1, su, sq, shift, local)
         else:
             rows_moments_f32(base, width, r0, r1, su, sq, shift)
     else:
@@ -928,7 +936,7 @@ cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* tot,
                                    const double* tail_sq, const double* shift) noexcept nogil:
     """Channel c: its folded columns (sums over all blocks), then the tail.
 
-    Every block sums around the same per-column shift (its _pilot), so block
+    Every block sums around the same per-column shift (its _pilot_rows), so block
     partials add up plainly (``tot``, ``squares``); only the ``fold`` columns
     and the tail, which have shifts of their own, are merged with Chan's formula.
     """
@@ -950,34 +958,43 @@ cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* tot,
     return acc
 
 
-cdef inline double _pilot(const floating* p, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
-    """The mean of 16 (or n) of the n values p[0], p[stride], ..., spread evenly,
-    rounded to the input's type.
+cdef void _pilot_rows(const floating* rows, Py_ssize_t width, Py_ssize_t n,
+                      double* out) noexcept nogil:
+    """Per column, the mean of 16 (or n) of the n rows, spread evenly, rounded to the
+    input's type.
 
-    The shift of the channel-inner sums: the float32 partials (_kernels.h, whose
-    fastbn_pilot_f32 is this for the channel-outer runs) need it within about a
-    standard deviation of each block's mean, and it must be a value of the
-    input's type. Spread over all rows, so that the first rows (the first
-    image's first pixels) do not decide it alone.
+    The shifts of the channel-inner sums: the float32 partials (_kernels.h, whose
+    fastbn_pilot_f32 does the same for the channel-outer runs) need them within
+    about a standard deviation of the mean, and they must be values of the
+    input's type. Spread over the rows, so that the first rows (the first
+    image's first pixels) do not decide alone; row by row, so that the loops run
+    along memory (column by column, strided, they cost 20 us a block).
     """
-    cdef Py_ssize_t m = n if n < 16 else 16, i
-    cdef double acc = 0
-    for i in range(m):
-        acc = acc + <double> p[i * n // m * stride] / <double> m
-    return <double> <floating> acc
+    cdef Py_ssize_t k = n if n < 16 else 16, i, j
+    cdef const floating* row
+    cdef double inv = 1.0 / <double> k
+    for j in range(width):
+        out[j] = 0
+    for i in range(k):
+        row = rows + (i * n // k) * width
+        for j in range(width):
+            out[j] = out[j] + <double> row[j]
+    for j in range(width):
+        out[j] = <double> <floating> (out[j] * inv)
 
 
 cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, double* mean,
                          double* m2, int num_threads) noexcept nogil:
     """Per-channel mean and M2 of an (M, C) array; ``scratch``: _moments_scratch(bl).
 
-    Sums are taken around one shift per folded column, the _pilot of its
+    Sums are taken around one shift per folded column, the _pilot_rows of its
     folded rows; the tail rows use the shift of the channel's first folded
-    column (the _pilot of its tail rows when there is no folded row). With
+    column (the _pilot_rows of its tail rows when there is no folded row). With
     float64 sums the cancellation in ``sq - tot**2 / n`` costs at most about
     ``n * 1e-16`` of M2 relative, even when those rows hold an outlier: an
     outlier far from the mean also makes M2 itself large. The float32 partials
-    check the cancellation and redo a column in float64 where it is too large.
+    check the cancellation per block and column and sum again (around the
+    block's own mean, or in float64) where it is too large (see _kernels.h).
     """
     cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width
     cdef Py_ssize_t groups = bl.blocks + 1, blk, r0, c, j
@@ -986,21 +1003,20 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
     cdef double* sq = su + groups * width
     cdef double* tot = sq + groups * width
     cdef double* squares = tot + width
+    cdef double* local = squares + width
     cdef const floating* tail = base + bl.body_rows * width
     cdef Moments mo
     if bl.body_rows > 0:
-        for j in range(width):
-            shift[j] = _pilot(base + j, bl.body_rows, width)
+        _pilot_rows(base, width, bl.body_rows, shift)
     else:
-        for j in range(n_chan):
-            shift[j] = _pilot(tail + j, bl.tail, n_chan)
+        _pilot_rows(tail, n_chan, bl.tail, shift)
     for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
         r0 = blk * bl.rows_per_block
         _rows_moments(base, width, r0, _block_end(bl, blk), &su[blk * width],
-                      &sq[blk * width], shift)
+                      &sq[blk * width], shift, &local[blk * width])
     if bl.tail > 0:
         _rows_moments(tail, n_chan, 0, bl.tail, &su[bl.blocks * width],
-                      &sq[bl.blocks * width], shift)
+                      &sq[bl.blocks * width], shift, &local[bl.blocks * width])
     _sum_blocks(su, bl.blocks, width, width, tot)
     _sum_blocks(sq, bl.blocks, width, width, squares)
     for c in prange(n_chan, schedule="static", num_threads=num_threads):
@@ -1011,8 +1027,9 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
 
 
 cdef double* _moments_scratch(Blocks bl) except NULL:
-    """shift, per-group sums and squares, their totals: (2 * (blocks + 1) + 3) * P doubles."""
-    return <double*> _alloc((2 * (bl.blocks + 1) + 3) * bl.width * sizeof(double))
+    """shift, per-group sums and squares, their totals, per-group scratch for the
+    float32 partials: (3 * (blocks + 1) + 3) * P doubles."""
+    return <double*> _alloc((3 * (bl.blocks + 1) + 3) * bl.width * sizeof(double))
 
 
 cdef double* _grad_scratch(Blocks bl) except NULL:

@@ -467,10 +467,13 @@ FASTBN_DEFINE_KERNELS(double, f64)
  * squares. The shift is a pilot mean of a few values, and the kernels check
  * that squares <= FASTBN_F32_CANCEL * M2 (the shift within one standard deviation
  * of the mean), the range (no float overflow or underflow) and finiteness, and
- * redo the sums in float64 wherever a check fails (NaN input included): M2 is
- * then within about 3e-6 relative and the mean within 7e-7 standard deviations in
- * the worst case (typically 1e-7 and 1e-8), where the float64 kernels are exact to
- * about 1e-15. Odd data cost time, not precision.
+ * sum again wherever a check fails (NaN input included): a run or a few columns
+ * in float64, a block of rows with many failed columns first in float32 around
+ * its own mean, then in float64. M2 is within about 3e-6 relative and the mean
+ * within 7e-7 standard deviations in the worst case (typically 1e-7 and 1e-8),
+ * where the float64 kernels are exact to about 1e-15. Odd data cost time, not
+ * precision; the summation order depends only on the data's shape and values,
+ * never on the thread count.
  *
  * Reductions of products (the grad sums) stay in float64: their terms can cancel
  * (a gradient with a large common part, a running mean far from the batch) and
@@ -565,7 +568,7 @@ FASTBN_VINLINE void fastbn_add_partial(double *lanes, fastbn_v16f a) {
    over the n values p[0], p[stride], ..., rounded to float. Spread, not the first
    ones: in an image plane the first values are one edge of the image, which can
    sit far from the plane's mean, and every plane that fails the check is summed
-   twice. _pilot in _cpu.pyx is the same for the channel-inner columns. */
+   twice. _pilot_rows in _cpu.pyx is the same for the channel-inner columns. */
 static inline float fastbn_pilot_f32(const float *p, ptrdiff_t n, ptrdiff_t stride) {
     const ptrdiff_t m = n < FASTBN_F32_PILOT ? n : FASTBN_F32_PILOT;
     double acc = 0;
@@ -611,7 +614,7 @@ FASTBN_KERNEL fastbn_moments fastbn_run_moments_f32p(const float *FASTBN_RESTRIC
    are not). */
 #define FASTBN_F32P_ROWS_MOMENTS_COLUMN(RB, j)                                              \
     {                                                                                       \
-        const float f = (float)shift[j];                                                    \
+        const float f = (float)local[j];                                                    \
         float d = a0[j] - f, ps = d, pq = d * d;                                            \
         for (int k = 1; k < (RB); k++) {                                                    \
             d = a0[j + k * w] - f;                                                          \
@@ -632,7 +635,7 @@ FASTBN_VINLINE fastbn_v16f fastbn_load16_f64_as_f32(const double *p) {
     {                                                                                       \
         ptrdiff_t j = 0;                                                                    \
         for (; j + 16 <= w; j += 16) {                                                      \
-            const fastbn_v16f f = fastbn_load16_f64_as_f32(shift + j);                      \
+            const fastbn_v16f f = fastbn_load16_f64_as_f32(local + j);                      \
             fastbn_v16f d = fastbn_load16_f32(a0 + j) - f, ps = d, pq = d * d;              \
             for (int k = 1; k < (RB); k++) {                                                \
                 d = fastbn_load16_f32(a0 + j + k * w) - f;                                  \
@@ -650,11 +653,18 @@ FASTBN_VINLINE fastbn_v16f fastbn_load16_f64_as_f32(const double *p) {
     for (ptrdiff_t j = 0; j < w; j++)                                                       \
         FASTBN_F32P_ROWS_MOMENTS_COLUMN(RB, j)
 #endif
-/* fastbn_rows_moments_f32 with float32 partials: the same sums, column by column.
-   Every shift[j] must be a float value (_cpu.pyx passes the pilot of the column). */
-FASTBN_KERNEL void fastbn_rows_moments_f32p(const float *FASTBN_RESTRICT base, ptrdiff_t w,
+/* One float32-partial pass over rows [r0, r1): su, sq = column sums of x - local
+   and its square (local[j] float values). Always inlined, so that each clone of
+   the kernel below gets its own instruction set (a plain static function was
+   compiled once, for baseline x86-64, and ran at half speed). */
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTBN_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define FASTBN_ALWAYS_INLINE static inline
+#endif
+FASTBN_ALWAYS_INLINE void fastbn_rows_f32p_pass(const float *FASTBN_RESTRICT base, ptrdiff_t w,
         ptrdiff_t r0, ptrdiff_t r1, double *FASTBN_RESTRICT su, double *FASTBN_RESTRICT sq,
-        const double *FASTBN_RESTRICT shift) {
+        const double *FASTBN_RESTRICT local) {
     for (ptrdiff_t j = 0; j < w; j++) {
         su[j] = 0;
         sq[j] = 0;
@@ -676,32 +686,67 @@ FASTBN_KERNEL void fastbn_rows_moments_f32p(const float *FASTBN_RESTRICT base, p
     for (; r < r1; r++) {
         const float *FASTBN_RESTRICT row = base + r * w;
         for (ptrdiff_t j = 0; j < w; j++) {
-            double d = (double)row[j] - shift[j];
+            double d = (double)row[j] - local[j];
             su[j] += d;
             sq[j] += d * d;
         }
     }
-    const double cnt = (double)(r1 - r0), inv = 1.0 / cnt;
+}
+
+FASTBN_ALWAYS_INLINE ptrdiff_t fastbn_f32p_failed(const double *FASTBN_RESTRICT su,
+        const double *FASTBN_RESTRICT sq, ptrdiff_t w, double cnt, double inv) {
     ptrdiff_t failed = 0;
     for (ptrdiff_t j = 0; j < w; j++)
         failed += !fastbn_f32p_moments_ok(su[j], sq[j], cnt, inv);
+    return failed;
+}
+
+/* fastbn_rows_moments_f32 with float32 partials: the same sums (around shift[j],
+   float values), column by column. A block where more than FASTBN_F32P_REDO_COLUMNS
+   columns fail the check (its mean is far from the shared shift: the images of an
+   NHWC batch can be) gets a second float32 pass around its own mean from the first
+   pass (in local[], scratch of w doubles), and where that fails too, a float64 pass;
+   the few columns left are summed again in float64 one by one; sums taken around
+   local[j] are moved to shift[j] in float64. */
+FASTBN_KERNEL void fastbn_rows_moments_f32p(const float *FASTBN_RESTRICT base, ptrdiff_t w,
+        ptrdiff_t r0, ptrdiff_t r1, double *FASTBN_RESTRICT su, double *FASTBN_RESTRICT sq,
+        const double *FASTBN_RESTRICT shift, double *FASTBN_RESTRICT local) {
+    const double cnt = (double)(r1 - r0), inv = 1.0 / cnt;
+    const double *FASTBN_RESTRICT center = shift;
+    fastbn_rows_f32p_pass(base, w, r0, r1, su, sq, shift);
+    ptrdiff_t failed = fastbn_f32p_failed(su, sq, w, cnt, inv);
     if (failed > FASTBN_F32P_REDO_COLUMNS) {
-        /* many columns: the float64 kernel over the block costs about what the
-           partials did; column by column (strided) it cost up to 3x the call */
-        fastbn_rows_moments_f32(base, w, r0, r1, su, sq, shift);
-        return;
+        for (ptrdiff_t j = 0; j < w; j++)
+            local[j] = (double)(float)(shift[j] + su[j] * inv);
+        center = local;
+        fastbn_rows_f32p_pass(base, w, r0, r1, su, sq, local);
+        failed = fastbn_f32p_failed(su, sq, w, cnt, inv);
+        if (failed > FASTBN_F32P_REDO_COLUMNS) {
+            /* the float64 kernel over the block costs about what the partials did;
+               column by column (strided) it cost up to 3x the call */
+            fastbn_rows_moments_f32(base, w, r0, r1, su, sq, local);
+            failed = 0;
+        }
     }
     for (ptrdiff_t j = 0; failed && j < w; j++) {
         if (fastbn_f32p_moments_ok(su[j], sq[j], cnt, inv))
             continue;
         double ts = 0, tq = 0;
         for (ptrdiff_t i = r0; i < r1; i++) {
-            double d = (double)base[i * w + j] - shift[j];
+            double d = (double)base[i * w + j] - center[j];
             ts += d;
             tq += d * d;
         }
         su[j] = ts;
         sq[j] = tq;
+    }
+    if (center == local) {
+        /* sums of x - local -> sums of x - shift (what the caller merges) */
+        for (ptrdiff_t j = 0; j < w; j++) {
+            const double moved = local[j] - shift[j];
+            sq[j] += moved * (2 * su[j] + cnt * moved);
+            su[j] += cnt * moved;
+        }
     }
 }
 

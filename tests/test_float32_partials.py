@@ -75,12 +75,12 @@ def _with_pilot_values(x, value):
 
 @pytest.mark.parametrize("shape", [(4, 3, 16, 16), (3, 4, 16, 16, 16), (2000, 1024)])
 def test_shift_far_from_the_mean_falls_back_to_float64(shape):
-    """The shift is the mean of 16 values spread over a plane or column. When those
+    """The shift is the mean of 16 values spread over a plane or a column. When those
     are a cluster 1e4 standard deviations away from the rest, the squared deviations
-    from it are more than twice M2 (FASTBN_F32_CANCEL) for every plane and every
-    block of rows (blocks of 250 rows here, 2 of them in the cluster), and the
-    kernels sum them again in float64: the result is exact to float64 rounding
-    (with float32 partials it would be off by about 1e-7)."""
+    from it are far more than twice M2 (FASTBN_F32_CANCEL) for every plane and every
+    block of rows (blocks of 250 rows, 2 of them in the cluster), and the kernels sum
+    them again in float64 (planes whole, the four columns one by one): the result is
+    exact to float64 rounding (with float32 partials it would be off by about 1e-7)."""
     x = _with_pilot_values(make(shape, np.float32, seed=35), 1e4)
     want_mean, want_var = ref.moments(x)
     mean, var = _moments(x, True)
@@ -89,15 +89,28 @@ def test_shift_far_from_the_mean_falls_back_to_float64(shape):
     assert (np.abs(mean - want_mean)[cols] <= 1e-10 * np.sqrt(want_var[cols])).all()
 
 
-def test_many_failed_columns_redo_the_block():
+def test_blocks_far_from_the_shared_shift_sum_around_their_own_mean():
     """Every block of 250 rows at its own level (0, 10, ..., 70, noise of std 1): the
-    pilot is near 35, at least 5 std from every block's mean, so all columns fail in
-    every block and the blocks are summed again whole by the float64 kernel (a cost
-    bound: column by column, strided, took up to 3x the call). The result is as
-    exact as the float64 path (with float32 partials: about 5e-7 off). This checks
-    the result, not which redo ran: the column-by-column one is as exact."""
+    shared pilot is at least 5 std from every block's mean, so every column fails
+    the check; the second float32 pass, around the block's own mean, passes it.
+    The result is within the partials' error (1e-7 of each block's M2, far less
+    of the total), and the partials were used (the bits differ from float64)."""
     x = make((2000, 1024), np.float32, seed=41)
     x += (np.arange(2000) // 250 * 10).astype(np.float32)[:, None]
+    want_mean, want_var = ref.moments(x)
+    mean, var = _moments(x, True)
+    np.testing.assert_allclose(var, want_var, rtol=1e-8)
+    assert (np.abs(mean - want_mean) <= 1e-7 * np.sqrt(want_var)).all()
+    assert not np.array_equal(var, _moments(x, False)[1])    # partials were used
+
+
+def test_many_failed_columns_redo_the_block():
+    """Deviations of 1e-21 in every column: the squares are subnormal in float32, so
+    both float32 passes fail the check in every column and the blocks are summed
+    again whole by the float64 kernel (a cost bound: column by column, strided,
+    took up to 3x the call). The result is as exact as the float64 path. This
+    checks the result, not which redo ran: the column-by-column one is as exact."""
+    x = (make((2000, 1024), np.float64, seed=41) * 1e-21).astype(np.float32)
     want_mean, want_var = ref.moments(x)
     mean, var = _moments(x, True)
     np.testing.assert_allclose(var, want_var, rtol=1e-10)
