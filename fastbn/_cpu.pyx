@@ -592,12 +592,6 @@ def channel_block(Py_ssize_t n_chan, Py_ssize_t channel_bytes, int num_threads):
     return _channel_block(n_chan, channel_bytes, num_threads)
 
 
-def inner_blocks(Py_ssize_t m, Py_ssize_t n_chan):
-    """``(width, body_rows, rows_per_block, blocks, tail)`` of an (M, C) call (for tests)."""
-    cdef Blocks bl = _blocks(m, n_chan)
-    return bl.width, bl.body_rows, bl.rows_per_block, bl.blocks, bl.tail
-
-
 def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                         const floating[::1] weight, const floating[::1] bias,
                         floating[::1] running_mean, floating[::1] running_var,
