@@ -962,7 +962,8 @@ cdef void _pilot_rows(const floating* rows, Py_ssize_t width, Py_ssize_t n,
     about a standard deviation of the mean, and they must be values of the
     input's type. Spread over the rows, so that the first rows (the first
     image's first pixels) do not decide alone; row by row, so that the loops run
-    along memory (column by column, strided, they cost 20 us a block).
+    along memory (column by column, strided and with a division per value, the
+    pilots made the row moments 1.5-1.8x slower).
     """
     cdef Py_ssize_t k = n if n < 16 else 16, i, j
     cdef const floating* row

@@ -18,7 +18,6 @@
 
 #include <stddef.h>
 #include <string.h>
-#include <math.h>
 
 #if defined(_MSC_VER)
 #define FASTBN_RESTRICT __restrict
@@ -59,7 +58,7 @@
  */
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) \
     && defined(__linux__) && !defined(FASTBN_NO_DISPATCH)
-#define FASTBN_KERNEL static __attribute__((noinline, unused, target_clones( \
+#define FASTBN_KERNEL static __attribute__((noinline, target_clones( \
     "arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTBN_KERNEL static inline
@@ -478,7 +477,6 @@ FASTBN_DEFINE_KERNELS(double, f64)
  * Reductions of products (the grad sums) stay in float64: their terms can cancel
  * (a gradient with a large common part, a running mean far from the batch) and
  * no cheap check bounds a float32 partial of dy * (x - c) against the result.
- * Summation order depends only on the run length or row width, as above.
  */
 #define FASTBN_F32_PART 8
 #define FASTBN_F32_CANCEL 2.0
@@ -565,22 +563,22 @@ FASTBN_VINLINE void fastbn_add_partial(double *lanes, fastbn_v16f a) {
 #endif
 
 /* The shift for float32 partials: the mean of FASTBN_F32_PILOT values spread evenly
-   over the n values p[0], p[stride], ..., rounded to float. Spread, not the first
-   ones: in an image plane the first values are one edge of the image, which can
-   sit far from the plane's mean, and every plane that fails the check is summed
-   twice. _pilot_rows in _cpu.pyx is the same for the channel-inner columns. */
-static inline float fastbn_pilot_f32(const float *p, ptrdiff_t n, ptrdiff_t stride) {
+   over the run p[0:n], rounded to float. Spread, not the first ones: in an image
+   plane the first values are one edge of the image, which can sit far from the
+   plane's mean, and every plane that fails the check is summed twice. _pilot_rows
+   in _cpu.pyx does the same for the channel-inner columns. */
+static inline float fastbn_pilot_f32(const float *p, ptrdiff_t n) {
     const ptrdiff_t m = n < FASTBN_F32_PILOT ? n : FASTBN_F32_PILOT;
     double acc = 0;
     for (ptrdiff_t i = 0; i < m; i++)
-        acc += (double)p[i * n / m * stride] / (double)m;
+        acc += (double)p[i * n / m] / (double)m;
     return (float)acc;
 }
 
 /* fastbn_run_moments_f32 with float32 partials (same result type and meaning). */
 FASTBN_KERNEL fastbn_moments fastbn_run_moments_f32p(const float *FASTBN_RESTRICT p,
                                                      ptrdiff_t n) {
-    const float sf = fastbn_pilot_f32(p, n, 1);
+    const float sf = fastbn_pilot_f32(p, n);
     const double shift = (double)sf;
     double s[16] = {0}, q[16] = {0};
     ptrdiff_t i = 0, n16 = n - n % 16;
