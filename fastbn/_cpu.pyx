@@ -31,10 +31,11 @@ blocks, then folded columns, then the tail). The decomposition depends only on
 the shape, never on the number of threads or on which schedule runs, so results
 are bit-identical for any thread count.
 
-Accuracy: statistics are sums of deviations from a shift (a pilot mean of 16
-values spread over each folded column, or over each plane for float32 input; the
-first value of each plane for float64 input), added in float64 and merged with
-Chan's formula, so the variance stays exact for data with a large mean. The mean
+Accuracy: statistics are sums of deviations from a shift (channel-inner: one per
+channel, a pilot mean of 16 rows' values; channel-outer: a pilot mean of 16 values
+spread over each plane for float32 input, the first value of each plane for
+float64 input), added in float64 (planes merged with Chan's formula), so the
+variance stays exact for data with a large mean. The mean
 and variance of float32 input are summed in float32 partials of at most 8
 deviations first (the ``_f32p`` kernels of _kernels.h: half the arithmetic, which
 is what limits these passes on cached data), with a float64 fallback wherever a
@@ -68,13 +69,17 @@ cdef extern from *:
 HAVE_OPENMP = bool(FASTBN_HAVE_OPENMP)
 
 # Channel-inner blocking, a function of the shape only (see "Determinism"): at most
-# MAX_BLOCKS blocks of at least MIN_BLOCK_VALUES values, aiming at TARGET_BLOCKS or
-# more blocks of about BLOCK_VALUES values (about 1 MB of float32). Each block costs
-# a partial-sum row in scratch and a restart of the row streams: on (4096, 1024)
-# float32, 16 blocks of 256 rows took 0.7x the time of 64 blocks of 64 rows for the
-# backward sums (alternating-block A/B, 2 threads).
+# MAX_BLOCKS blocks of at least MIN_BLOCK_VALUES values and MIN_BLOCK_ROWS rows,
+# aiming at TARGET_BLOCKS or more blocks of about BLOCK_VALUES values (about 1 MB of
+# float32). Each block costs a partial-sum row in scratch (2-3 doubles a column,
+# zeroed, then merged) and a restart of the row streams: on (4096, 1024) float32,
+# 16 blocks of 256 rows took 0.7x the time of 64 blocks of 64 rows for the backward
+# sums; on (64, 4096), 8 blocks of 8 rows spent more time on the partial rows than
+# on the data, and 2 blocks of 32 rows took 0.42x the time of the moments
+# (alternating-block A/B, 2 threads).
 cdef Py_ssize_t MAX_BLOCKS = 64
 cdef Py_ssize_t MIN_BLOCK_VALUES = 16384
+cdef Py_ssize_t MIN_BLOCK_ROWS = 32
 cdef Py_ssize_t BLOCK_VALUES = 262144
 cdef Py_ssize_t TARGET_BLOCKS = 8
 # Fold small C into folded rows of at least this many values. Long rows stream
@@ -865,7 +870,7 @@ cdef Blocks _blocks(Py_ssize_t m, Py_ssize_t n_chan) noexcept nogil:
     t = (bl.body_rows + TARGET_BLOCKS - 1) // TARGET_BLOCKS
     if t < by_target:
         by_target = t
-    bl.rows_per_block = max(by_size, by_count, by_target)
+    bl.rows_per_block = max(by_size, by_count, by_target, MIN_BLOCK_ROWS)
     bl.blocks = (bl.body_rows + bl.rows_per_block - 1) // bl.rows_per_block
     if bl.blocks > TARGET_BLOCKS and bl.blocks % TARGET_BLOCKS:
         # a multiple of TARGET_BLOCKS blocks shares out evenly over 2, 4 or 8 threads
@@ -930,32 +935,26 @@ cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* tot,
                                    const double* tail_sq, const double* shift) noexcept nogil:
     """Channel c: its folded columns (sums over all blocks), then the tail.
 
-    Every block sums around the same per-column shift (its _pilot_rows), so block
-    partials add up plainly (``tot``, ``squares``); only the ``fold`` columns
-    and the tail, which have shifts of their own, are merged with Chan's formula.
+    Every block, every folded column of a channel and the tail sum around the
+    channel's one shift (_pilot_rows), so all the partial sums add up plainly.
     """
-    cdef Py_ssize_t n_chan = bl.n_chan, fold = bl.width // n_chan
-    cdef Py_ssize_t f, j
-    cdef double cnt = <double> bl.body_rows, seen = 0
-    cdef Moments acc, grp
-    acc.mean = 0
-    acc.m2 = 0
+    cdef Py_ssize_t n_chan = bl.n_chan, fold = bl.width // n_chan, f, j
+    cdef double su = 0, sq = 0
     if bl.body_rows > 0:
         for f in range(fold):
             j = c + f * n_chan
-            grp = _group_moments(tot[j], squares[j], shift[j], cnt)
-            acc = grp if seen == 0 else _chan_merge(acc, seen, grp, cnt)
-            seen = seen + cnt
+            su = su + tot[j]
+            sq = sq + squares[j]
     if bl.tail > 0:
-        grp = _group_moments(tail_su[c], tail_sq[c], shift[c], <double> bl.tail)
-        acc = grp if seen == 0 else _chan_merge(acc, seen, grp, <double> bl.tail)
-    return acc
+        su = su + tail_su[c]
+        sq = sq + tail_sq[c]
+    return _group_moments(su, sq, shift[c], <double> (bl.body_rows * fold + bl.tail))
 
 
-cdef void _pilot_rows(const floating* rows, Py_ssize_t width, Py_ssize_t n,
+cdef void _pilot_rows(const floating* rows, Py_ssize_t width, Py_ssize_t n_chan, Py_ssize_t n,
                       double* out) noexcept nogil:
-    """Per column, the mean of 16 (or n) of the n rows, spread evenly, rounded to the
-    input's type.
+    """Per channel, the mean of its values in 16 (or n) of the n rows of ``width``
+    values, the rows spread evenly, rounded to the input's type and tiled over the row.
 
     The shifts of the channel-inner sums: the float32 partials (_kernels.h, whose
     fastbn_pilot_f32 does the same for the channel-outer runs) need them within
@@ -963,28 +962,32 @@ cdef void _pilot_rows(const floating* rows, Py_ssize_t width, Py_ssize_t n,
     input's type. Spread over the rows, so that the first rows (the first
     image's first pixels) do not decide alone; row by row, so that the loops run
     along memory (column by column, strided and with a division per value, the
-    pilots made the row moments 1.5-1.8x slower).
+    pilots made the row moments 1.5-1.8x slower). One shift per channel, not per
+    folded column, so that the columns' sums add up without a merge formula.
     """
-    cdef Py_ssize_t k = n if n < 16 else 16, i, j
+    cdef Py_ssize_t k = n if n < 16 else 16, fold = width // n_chan, i, j, f
     cdef const floating* row
-    cdef double inv = 1.0 / <double> k
+    cdef double inv = 1.0 / <double> (k * fold)
     for j in range(width):
         out[j] = 0
     for i in range(k):
         row = rows + (i * n // k) * width
         for j in range(width):
             out[j] = out[j] + <double> row[j]
-    for j in range(width):
+    for f in range(1, fold):
+        for j in range(n_chan):
+            out[j] = out[j] + out[f * n_chan + j]
+    for j in range(n_chan):
         out[j] = <double> <floating> (out[j] * inv)
+    _tile_f64(out, n_chan, width)
 
 
 cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, double* mean,
                          double* m2, int num_threads) noexcept nogil:
     """Per-channel mean and M2 of an (M, C) array; ``scratch``: _moments_scratch(bl).
 
-    Sums are taken around one shift per folded column, the _pilot_rows of its
-    folded rows; the tail rows use the shift of the channel's first folded
-    column (the _pilot_rows of its tail rows when there is no folded row). With
+    Sums are taken around one shift per channel, the _pilot_rows of the folded
+    rows (of the tail rows when there is no folded row). With
     float64 sums the cancellation in ``sq - tot**2 / n`` costs at most about
     ``n * 1e-16`` of M2 relative, even when those rows hold an outlier: an
     outlier far from the mean also makes M2 itself large. The float32 partials
@@ -1002,9 +1005,9 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
     cdef const floating* tail = base + bl.body_rows * width
     cdef Moments mo
     if bl.body_rows > 0:
-        _pilot_rows(base, width, bl.body_rows, shift)
+        _pilot_rows(base, width, n_chan, bl.body_rows, shift)
     else:
-        _pilot_rows(tail, n_chan, bl.tail, shift)
+        _pilot_rows(tail, n_chan, n_chan, bl.tail, shift)
     for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
         r0 = blk * bl.rows_per_block
         _rows_moments(base, width, r0, _block_end(bl, blk), &su[blk * width],
@@ -1014,7 +1017,7 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
                       &sq[bl.blocks * width], shift, &local[bl.blocks * width])
     _sum_blocks(su, bl.blocks, width, width, tot)
     _sum_blocks(sq, bl.blocks, width, width, squares)
-    for c in prange(n_chan, schedule="static", num_threads=num_threads):
+    for c in range(n_chan):
         mo = _inner_channel(bl, c, tot, squares, su + bl.blocks * width,
                             sq + bl.blocks * width, shift)
         mean[c] = mo.mean
@@ -1034,6 +1037,13 @@ cdef double* _grad_scratch(Blocks bl) except NULL:
 
 cdef inline void _tile(floating* a, Py_ssize_t n_chan, Py_ssize_t width) noexcept nogil:
     """Repeat a[0:C] over a[0:P] (coefficients for a folded row)."""
+    cdef Py_ssize_t j
+    for j in range(n_chan, width):
+        a[j] = a[j - n_chan]
+
+
+cdef inline void _tile_f64(double* a, Py_ssize_t n_chan, Py_ssize_t width) noexcept nogil:
+    """:func:`_tile` for the float64 centers (not fused: callers are fused over floating)."""
     cdef Py_ssize_t j
     for j in range(n_chan, width):
         a[j] = a[j - n_chan]
@@ -1159,10 +1169,12 @@ def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,
     cdef floating* coef = <floating*> _alloc(3 * bl.width * sizeof(floating))
     try:
         with nogil:
-            for j in range(bl.width):
-                coef[j] = hi[j % n_chan]
-                coef[bl.width + j] = scale[j % n_chan]
-                coef[2 * bl.width + j] = shift[j % n_chan]
+            for j in range(n_chan):
+                coef[j] = hi[j]
+                coef[bl.width + j] = scale[j]
+                coef[2 * bl.width + j] = shift[j]
+            for j in range(3):
+                _tile(coef + j * bl.width, n_chan, bl.width)
             _inner_affine(&x[0, 0], &y[0, 0], bl, coef, coef + bl.width,
                           coef + 2 * bl.width, STREAM_INNER, num_threads)
     finally:
@@ -1279,8 +1291,9 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
         sums = <GradSums*> _alloc(n_chan * sizeof(GradSums))
         coef = <floating*> _alloc(4 * width * sizeof(floating))
         with nogil:
-            for j in range(width):
-                ctr[j] = center[j % n_chan]
+            for j in range(n_chan):
+                ctr[j] = center[j]
+            _tile_f64(ctr, n_chan, width)
             if need_sums:
                 _inner_grad_sums(&dy[0, 0], &x[0, 0], bl, ctr, part, sums, num_threads)
             else:
@@ -1311,8 +1324,9 @@ def grad_sums_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
         ctr = <double*> _alloc(bl.width * sizeof(double))
         sums = <GradSums*> _alloc(n_chan * sizeof(GradSums))
         with nogil:
-            for j in range(bl.width):
-                ctr[j] = center[j % n_chan]
+            for j in range(n_chan):
+                ctr[j] = center[j]
+            _tile_f64(ctr, n_chan, bl.width)
             _inner_grad_sums(&dy[0, 0], &x[0, 0], bl, ctr, part, sums, num_threads)
             for c in range(n_chan):
                 out[0, c] = sums[c].dy
@@ -1333,8 +1347,9 @@ def grad_input_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
     try:
         with nogil:
             for c in range(4):
-                for j in range(bl.width):
-                    tiled[c * bl.width + j] = coef[c, j % n_chan]
+                for j in range(n_chan):
+                    tiled[c * bl.width + j] = coef[c, j]
+                _tile(tiled + c * bl.width, n_chan, bl.width)
             _inner_grad_input(&dy[0, 0], &x[0, 0], &gx[0, 0], bl, tiled, STREAM_INNER,
                               num_threads)
     finally:
