@@ -137,10 +137,12 @@ cdef extern from "_kernels.h" nogil:
     Moments run_moments_f32 "fastbn_run_moments_f32"(const float*, Py_ssize_t)
     Moments run_moments_f64 "fastbn_run_moments_f64"(const double*, Py_ssize_t)
     Moments run_moments_f32p "fastbn_run_moments_f32p"(const float*, Py_ssize_t)
-    void run_affine_f32 "fastbn_run_affine_f32"(const float*, float*, Py_ssize_t, float,
-                                                float, float, int)
-    void run_affine_f64 "fastbn_run_affine_f64"(const double*, double*, Py_ssize_t, double,
-                                                double, double, int)
+    void planes_affine_f32 "fastbn_planes_affine_f32"(const float*, float*, Py_ssize_t,
+                                                      Py_ssize_t, const float*, const float*,
+                                                      const float*, int)
+    void planes_affine_f64 "fastbn_planes_affine_f64"(const double*, double*, Py_ssize_t,
+                                                      Py_ssize_t, const double*,
+                                                      const double*, const double*, int)
     enum: GRAD_LANES "FASTBN_GRAD_LANES"
     GradSums _lanes_sums "fastbn_lanes_gradsums"(const double*)
     void runs_grad_lanes_f32 "fastbn_runs_grad_lanes_f32"(const float*, const float*,
@@ -149,12 +151,12 @@ cdef extern from "_kernels.h" nogil:
     void runs_grad_lanes_f64 "fastbn_runs_grad_lanes_f64"(const double*, const double*,
                                                           Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                                           double, double*, int)
-    void run_grad_input_f32 "fastbn_run_grad_input_f32"(const float*, const float*, float*,
-                                                        Py_ssize_t, float, float, float,
-                                                        float, int)
-    void run_grad_input_f64 "fastbn_run_grad_input_f64"(const double*, const double*,
-                                                        double*, Py_ssize_t, double, double,
-                                                        double, double, int)
+    void planes_grad_input_f32 "fastbn_planes_grad_input_f32"(
+        const float*, const float*, float*, Py_ssize_t, Py_ssize_t, const float*,
+        const float*, const float*, const float*, int)
+    void planes_grad_input_f64 "fastbn_planes_grad_input_f64"(
+        const double*, const double*, double*, Py_ssize_t, Py_ssize_t, const double*,
+        const double*, const double*, const double*, int)
     void rows_moments_f32 "fastbn_rows_moments_f32"(const float*, Py_ssize_t, Py_ssize_t,
                                                     Py_ssize_t, double*, double*,
                                                     const double*)
@@ -310,12 +312,14 @@ cdef inline Moments _run_moments(const floating* p, Py_ssize_t s) noexcept nogil
         return run_moments_f64(p, s)
 
 
-cdef inline void _run_affine(const floating* x, floating* y, Py_ssize_t s, floating hi,
-                             floating sc, floating sh, bint nt) noexcept nogil:
+cdef inline void _planes_affine(const floating* x, floating* y, Py_ssize_t s,
+                                Py_ssize_t count, const floating* hi, const floating* sc,
+                                const floating* sh, bint nt) noexcept nogil:
+    """``count`` planes of ``s`` values back to back, plane r with hi[r], sc[r], sh[r]."""
     if floating is float:
-        run_affine_f32(x, y, s, hi, sc, sh, nt)
+        planes_affine_f32(x, y, s, count, hi, sc, sh, nt)
     else:
-        run_affine_f64(x, y, s, hi, sc, sh, nt)
+        planes_affine_f64(x, y, s, count, hi, sc, sh, nt)
 
 
 cdef inline void _runs_grad_lanes(const floating* dy, const floating* x, Py_ssize_t s,
@@ -329,16 +333,27 @@ cdef inline void _runs_grad_lanes(const floating* dy, const floating* x, Py_ssiz
         runs_grad_lanes_f64(dy, x, s, count, stride, center, lanes, fresh)
 
 
-cdef inline void _run_grad_input(const floating* dy, const floating* x, floating* gx,
-                                 Py_ssize_t s, floating hi, floating ak, floating mk,
-                                 floating k, bint nt) noexcept nogil:
-    if hi == 0 and ak == 0 and mk == 0:
-        _run_affine(dy, gx, s, 0, k, 0, nt)     # dy * k (eval): x is not read
-        return
+cdef inline void _planes_grad_input(const floating* dy, const floating* x, floating* gx,
+                                    Py_ssize_t s, Py_ssize_t count, const floating* hi,
+                                    const floating* ak, const floating* mk,
+                                    const floating* k, bint nt) noexcept nogil:
+    """grad_input over ``count`` planes back to back (coefficients indexed by plane)."""
     if floating is float:
-        run_grad_input_f32(dy, x, gx, s, hi, ak, mk, k, nt)
+        planes_grad_input_f32(dy, x, gx, s, count, hi, ak, mk, k, nt)
     else:
-        run_grad_input_f64(dy, x, gx, s, hi, ak, mk, k, nt)
+        planes_grad_input_f64(dy, x, gx, s, count, hi, ak, mk, k, nt)
+
+
+# Planes per elementwise call in the plane schedule: about PLANE_CHUNK_VALUES values,
+# never past the end of an image (the planes of a call are consecutive in memory).
+cdef Py_ssize_t PLANE_CHUNK_VALUES = 4096
+
+
+cdef inline Py_ssize_t _plane_chunk(Py_ssize_t n_chan, Py_ssize_t s) noexcept nogil:
+    cdef Py_ssize_t cp = PLANE_CHUNK_VALUES // s if s > 0 else n_chan
+    if cp > n_chan:
+        cp = n_chan
+    return cp if cp > 0 else 1
 
 
 # ---------------------------------------------------------------------------
@@ -619,6 +634,47 @@ def channel_block(Py_ssize_t n_chan, Py_ssize_t channel_bytes, int num_threads):
     return _channel_block(n_chan, channel_bytes, num_threads)
 
 
+cdef void _outer_affine(const floating[:, :, ::1] x, floating[:, :, ::1] y,
+                        const floating* hi, const floating* sc, const floating* sh, bint nt,
+                        int num_threads) noexcept nogil:
+    """Plane schedule of ``y = (x - hi[c]) * sc[c] + sh[c]``: runs of planes in parallel."""
+    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
+    cdef Py_ssize_t cp = _plane_chunk(n_chan, s), per = (n_chan + cp - 1) // cp
+    cdef Py_ssize_t t, n, c0, c1
+    with parallel(num_threads=num_threads):
+        for t in prange(x.shape[0] * per, schedule="static"):
+            n = t // per
+            c0 = (t - n * per) * cp
+            c1 = c0 + cp
+            if c1 > n_chan:
+                c1 = n_chan
+            _planes_affine(&x[n, c0, 0], &y[n, c0, 0], s, c1 - c0, hi + c0, sc + c0, sh + c0,
+                           nt)
+        if nt:
+            _stream_fence()
+
+
+cdef void _outer_grad_input(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                            floating[:, :, ::1] gx, const floating* hi, const floating* ak,
+                            const floating* mk, const floating* k, bint nt,
+                            int num_threads) noexcept nogil:
+    """Plane schedule of grad_input (coefficients per channel): runs of planes in parallel."""
+    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
+    cdef Py_ssize_t cp = _plane_chunk(n_chan, s), per = (n_chan + cp - 1) // cp
+    cdef Py_ssize_t t, n, c0, c1
+    with parallel(num_threads=num_threads):
+        for t in prange(x.shape[0] * per, schedule="static"):
+            n = t // per
+            c0 = (t - n * per) * cp
+            c1 = c0 + cp
+            if c1 > n_chan:
+                c1 = n_chan
+            _planes_grad_input(&dy[n, c0, 0], &x[n, c0, 0], &gx[n, c0, 0], s, c1 - c0,
+                               hi + c0, ak + c0, mk + c0, k + c0, nt)
+        if nt:
+            _stream_fence()
+
+
 def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                         const floating[::1] weight, const floating[::1] bias,
                         floating[::1] running_mean, floating[::1] running_var,
@@ -629,7 +685,7 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     ``weight``/``bias``/``running_*`` may be None. Requires N * S >= 2.
     """
     cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = n_batch * n_chan, c, n, q
+    cdef Py_ssize_t planes = n_batch * n_chan, c, n
     cdef double count = <double> (n_batch * s)
     cdef const floating* w = _opt(weight)
     cdef const floating* b = _opt(bias)
@@ -664,8 +720,9 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                             _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si,
                                           hi, sc, sh)
                         for n in range(n_batch):
-                            for c in range(k * block, c1):
-                                _run_affine(&x[n, c, 0], &y[n, c, 0], s, hi[c], sc[c], sh[c], nt)
+                            _planes_affine(&x[n, k * block, 0], &y[n, k * block, 0], s,
+                                           c1 - k * block, hi + k * block, sc + k * block,
+                                           sh + k * block, nt)
                     if nt:
                         _stream_fence()
             else:
@@ -673,13 +730,7 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 for c in range(n_chan):
                     _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si, hi,
                                   sc, sh)
-                with parallel(num_threads=num_threads):
-                    for q in prange(planes, schedule="static"):
-                        c = q % n_chan
-                        _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c],
-                                    sc[c], sh[c], nt)
-                    if nt:
-                        _stream_fence()
+                _outer_affine(x, y, hi, sc, sh, nt, num_threads)
     finally:
         _free(coef)
         _free(units)
@@ -689,17 +740,10 @@ def affine_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                  const floating[::1] hi, const floating[::1] scale,
                  const floating[::1] shift, int num_threads):
     """``y[n, c, :] = (x[n, c, :] - hi[c]) * scale[c] + shift[c]``."""
-    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
-    cdef bint nt = _streams(2 * planes * s * sizeof(floating), STREAM_OUTER)
+    cdef bint nt = _streams(2 * x.shape[0] * x.shape[1] * x.shape[2] * sizeof(floating),
+                           STREAM_OUTER)
     with nogil:
-        with parallel(num_threads=num_threads):
-            for q in prange(planes, schedule="static"):
-                c = q % n_chan
-                _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, hi[c], scale[c],
-                            shift[c], nt)
-            if nt:
-                _stream_fence()
+        _outer_affine(x, y, &hi[0], &scale[0], &shift[0], nt, num_threads)
 
 
 def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
@@ -707,23 +751,17 @@ def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                        const floating[::1] running_mean, const floating[::1] running_var,
                        double eps, int num_threads):
     """Eval-mode normalization of ``x`` (N, C, S) with the running statistics."""
-    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
+    cdef Py_ssize_t n_chan = x.shape[1]
     cdef const floating* w = _opt(weight)
     cdef const floating* b = _opt(bias)
-    cdef bint nt = _streams(2 * planes * s * sizeof(floating), STREAM_OUTER)
+    cdef bint nt = _streams(2 * x.shape[0] * n_chan * x.shape[2] * sizeof(floating),
+                           STREAM_OUTER)
     cdef floating* coef = <floating*> _alloc(3 * n_chan * sizeof(floating))
     try:
         with nogil:
             _eval_coefs(n_chan, w, b, &running_mean[0], &running_var[0],
                         eps, coef, coef + n_chan, coef + 2 * n_chan)
-            with parallel(num_threads=num_threads):
-                for q in prange(planes, schedule="static"):
-                    c = q % n_chan
-                    _run_affine(&x[q // n_chan, c, 0], &y[q // n_chan, c, 0], s, coef[c],
-                                coef[n_chan + c], coef[2 * n_chan + c], nt)
-                if nt:
-                    _stream_fence()
+            _outer_affine(x, y, coef, coef + n_chan, coef + 2 * n_chan, nt, num_threads)
     finally:
         _free(coef)
 
@@ -738,7 +776,7 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     ``invstd`` is float64.
     """
     cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = n_batch * n_chan, c, n, q
+    cdef Py_ssize_t planes = n_batch * n_chan, c, n
     cdef double count = <double> (n_batch * s)
     cdef const floating* w = _opt(weight)
     cdef floating* gw = _opt_mut(grad_weight)
@@ -785,10 +823,10 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                             _finish_backward(c, units[c] if need_sums else zero, ctr[c],
                                              invstd[c], count, training, w, gw, gb, hi, ak, mk,
                                              k)
+                        c = kb * block
                         for n in range(n_batch):
-                            for c in range(kb * block, c1):
-                                _run_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s,
-                                                hi[c], ak[c], mk[c], k[c], nt)
+                            _planes_grad_input(&dy[n, c, 0], &x[n, c, 0], &gx[n, c, 0], s,
+                                               c1 - c, hi + c, ak + c, mk + c, k + c, nt)
                     if nt:
                         _stream_fence()
             else:
@@ -797,13 +835,7 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                 for c in range(n_chan):
                     _finish_backward(c, units[c] if need_sums else zero, ctr[c], invstd[c],
                                      count, training, w, gw, gb, hi, ak, mk, k)
-                with parallel(num_threads=num_threads):
-                    for q in prange(planes, schedule="static"):
-                        c = q % n_chan
-                        _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
-                                        &gx[q // n_chan, c, 0], s, hi[c], ak[c], mk[c], k[c], nt)
-                    if nt:
-                        _stream_fence()
+                _outer_grad_input(dy, x, gx, hi, ak, mk, k, nt, num_threads)
     finally:
         _free(ctr)
         _free(coef)
@@ -847,18 +879,11 @@ def grad_sums_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
 def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                      floating[:, :, ::1] gx, const floating[:, ::1] coef, int num_threads):
     """``gx = dy * k - ((x - hi) * ak + mk)`` with ``coef = [hi, ak, mk, k]`` of shape (4, C)."""
-    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t planes = x.shape[0] * n_chan, q, c
-    cdef bint nt = _streams(3 * planes * s * sizeof(floating), STREAM_OUTER)
+    cdef bint nt = _streams(3 * x.shape[0] * x.shape[1] * x.shape[2] * sizeof(floating),
+                           STREAM_OUTER)
     with nogil:
-        with parallel(num_threads=num_threads):
-            for q in prange(planes, schedule="static"):
-                c = q % n_chan
-                _run_grad_input(&dy[q // n_chan, c, 0], &x[q // n_chan, c, 0],
-                                &gx[q // n_chan, c, 0], s, coef[0, c], coef[1, c], coef[2, c],
-                                coef[3, c], nt)
-            if nt:
-                _stream_fence()
+        _outer_grad_input(dy, x, gx, &coef[0, 0], &coef[1, 0], &coef[2, 0], &coef[3, 0], nt,
+                          num_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -1281,7 +1306,7 @@ cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* p
         if hi[i] != 0 or ak[i] != 0 or mk[i] != 0:
             break
     else:
-        # dy * k (eval): read dy only, as _run_grad_input does
+        # dy * k (eval): read dy only, as _planes_grad_input does
         _inner_affine(pdy, pgx, bl, hi, k, ak, eighths, num_threads)
         return
     for i in range(width):

@@ -340,21 +340,29 @@ FASTBN_KERNEL fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p
     return r;                                                                               \
 }                                                                                           \
                                                                                             \
-/* y = (x - hi) * sc + sh, per-run scalar coefficients (hi == 0: one multiply-add). */     \
-FASTBN_KERNEL void fastbn_run_affine_##SUF(const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT y,\
-                                           ptrdiff_t n, T hi, T sc, T sh, int nt) {         \
-    if (hi == 0)                                                                            \
-        FASTBN_STREAMED(T, SUF, y, n, nt, FASTBN_RUN_FMA);                                  \
-    else                                                                                    \
-        FASTBN_STREAMED(T, SUF, y, n, nt, FASTBN_RUN_AFFINE);                               \
+/* y = (x - hi[r]) * sc[r] + sh[r] over count planes of n values back to back (plane r  \
+   at r * n), per-plane coefficients (hi[r] == 0: one multiply-add). One call for a    \
+   row of small planes, not one per plane (see _plane_chunk in _cpu.pyx). */          \
+FASTBN_KERNEL void fastbn_planes_affine_##SUF(const T *FASTBN_RESTRICT x0,                  \
+        T *FASTBN_RESTRICT y0, ptrdiff_t n, ptrdiff_t count, const T *FASTBN_RESTRICT his,  \
+        const T *FASTBN_RESTRICT scs, const T *FASTBN_RESTRICT shs, int nt) {               \
+    for (ptrdiff_t r = 0; r < count; r++) {                                                 \
+        const T *FASTBN_RESTRICT x = x0 + r * n;                                            \
+        T *FASTBN_RESTRICT y = y0 + r * n;                                                  \
+        const T hi = his[r], sc = scs[r], sh = shs[r];                                      \
+        if (hi == 0)                                                                        \
+            FASTBN_STREAMED(T, SUF, y, n, nt, FASTBN_RUN_FMA);                              \
+        else                                                                                \
+            FASTBN_STREAMED(T, SUF, y, n, nt, FASTBN_RUN_AFFINE);                           \
+    }                                                                                       \
 }                                                                                           \
                                                                                             \
 /* Adds sum dy, sum dy * (x - c) and sum (x - c) of count runs of n values (run r at  \
    r * stride) into lanes [g | p | q], FASTBN_GRAD_LANES doubles (fastbn_lanes_gradsums  \
-   totals them), or starts them from 0 when fresh. Run by run, so k calls over one run each give the bits of one call    \
-   over k runs; the lanes carry over from run to run, so short runs (7x7 planes) pay  \
-   one tree reduction per unit, not per run (1.7-1.9x faster on 49-64 values a run,   \
-   C harness, one core). */                                                             \
+   totals them), or starts them from 0 when fresh. Run by run, so k calls over one    \
+   run each give the bits of one call over k runs; the lanes carry over from run to   \
+   run, so short runs (7x7 planes) pay one tree reduction per unit, not per run       \
+   (1.7-1.9x faster on 49-64 values a run, C harness, one core). */                     \
 FASTBN_KERNEL void fastbn_runs_grad_lanes_##SUF(const T *FASTBN_RESTRICT dy0,              \
         const T *FASTBN_RESTRICT x0, ptrdiff_t n, ptrdiff_t count, ptrdiff_t stride,        \
         double center, double *FASTBN_RESTRICT lanes, int fresh) {                          \
@@ -364,14 +372,28 @@ FASTBN_KERNEL void fastbn_runs_grad_lanes_##SUF(const T *FASTBN_RESTRICT dy0,   
     FASTBN_GRAD_RUNS_##SUF                                                                  \
 }                                                                                           \
                                                                                             \
-/* gx = dy * k - ((x - hi) * ak + mk), per-run scalar coefficients (hi == 0: x * ak). */   \
-FASTBN_KERNEL void fastbn_run_grad_input_##SUF(const T *FASTBN_RESTRICT dy,                 \
-        const T *FASTBN_RESTRICT x, T *FASTBN_RESTRICT gx, ptrdiff_t n, T hi, T ak, T mk,   \
-        T k, int nt) {                                                                      \
-    if (hi == 0)                                                                            \
-        FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_RUN_GRAD_INPUT_FMA);                      \
-    else                                                                                    \
-        FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_RUN_GRAD_INPUT);                          \
+/* gx = dy * k - ((x - hi) * ak + mk) over count planes back to back, per-plane       \
+   coefficients (hi == 0: x * ak; hi, ak and mk all 0, eval: dy * k, x not read). */  \
+FASTBN_KERNEL void fastbn_planes_grad_input_##SUF(const T *FASTBN_RESTRICT dy0,             \
+        const T *FASTBN_RESTRICT x0, T *FASTBN_RESTRICT gx0, ptrdiff_t n, ptrdiff_t count,  \
+        const T *FASTBN_RESTRICT his, const T *FASTBN_RESTRICT aks,                         \
+        const T *FASTBN_RESTRICT mks, const T *FASTBN_RESTRICT ks, int nt) {                \
+    for (ptrdiff_t r = 0; r < count; r++) {                                                 \
+        const T *FASTBN_RESTRICT dy = dy0 + r * n;                                          \
+        T *FASTBN_RESTRICT gx = gx0 + r * n;                                                \
+        const T hi = his[r], ak = aks[r], mk = mks[r], k = ks[r];                           \
+        if (hi == 0 && ak == 0 && mk == 0) {                                                \
+            const T *FASTBN_RESTRICT x = dy;                                                \
+            const T sc = k, sh = 0;                                                         \
+            FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_RUN_FMA);                             \
+        } else {                                                                            \
+            const T *FASTBN_RESTRICT x = x0 + r * n;                                        \
+            if (hi == 0)                                                                    \
+                FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_RUN_GRAD_INPUT_FMA);              \
+            else                                                                            \
+                FASTBN_STREAMED(T, SUF, gx, n, nt, FASTBN_RUN_GRAD_INPUT);                  \
+        }                                                                                   \
+    }                                                                                       \
 }                                                                                           \
                                                                                             \
 /* Column sums of (x - shift) and of its square over rows [r0, r1) of width w. */         \
