@@ -144,6 +144,14 @@ cdef extern from "_kernels.h" nogil:
                                                       Py_ssize_t, const double*,
                                                       const double*, const double*, int)
     enum: GRAD_LANES "FASTBN_GRAD_LANES"
+    enum: MOMENT_LANES "FASTBN_MOMENT_LANES"
+    Moments _lanes_moments "fastbn_lanes_moments"(const double*, double, double)
+    void runs_moments_lanes_f32 "fastbn_runs_moments_lanes_f32"(const float*, Py_ssize_t,
+                                                                Py_ssize_t, Py_ssize_t, double,
+                                                                double*, int)
+    void runs_moments_lanes_f64 "fastbn_runs_moments_lanes_f64"(const double*, Py_ssize_t,
+                                                                Py_ssize_t, Py_ssize_t, double,
+                                                                double*, int)
     GradSums _lanes_sums "fastbn_lanes_gradsums"(const double*)
     void runs_grad_lanes_f32 "fastbn_runs_grad_lanes_f32"(const float*, const float*,
                                                           Py_ssize_t, Py_ssize_t, Py_ssize_t,
@@ -312,6 +320,27 @@ cdef inline Moments _run_moments(const floating* p, Py_ssize_t s) noexcept nogil
         return run_moments_f64(p, s)
 
 
+cdef inline bint _per_run_moments(const floating* p, Py_ssize_t s) noexcept nogil:
+    """Whether planes of ``s`` values (of p's type) take the float32-partials kernel
+    one by one (merged with Chan's formula), rather than float64 lanes carried over a
+    unit."""
+    if floating is float:
+        return _f32_partials and s >= F32P_MIN_RUN
+    else:
+        return False
+
+
+cdef inline void _runs_moments_lanes(const floating* p, Py_ssize_t s, Py_ssize_t count,
+                                     Py_ssize_t stride, double shift, double* lanes,
+                                     bint fresh) noexcept nogil:
+    """Adds ``count`` runs of ``s`` values, ``stride`` apart, into ``lanes``
+    (MOMENT_LANES doubles), or stores their sums there when ``fresh``."""
+    if floating is float:
+        runs_moments_lanes_f32(p, s, count, stride, shift, lanes, fresh)
+    else:
+        runs_moments_lanes_f64(p, s, count, stride, shift, lanes, fresh)
+
+
 cdef inline void _planes_affine(const floating* x, floating* y, Py_ssize_t s,
                                 Py_ssize_t count, const floating* hi, const floating* sc,
                                 const floating* sh, bint nt) noexcept nogil:
@@ -390,12 +419,21 @@ cdef inline Py_ssize_t _group_start(Py_ssize_t g, Py_ssize_t n_batch,
 
 cdef inline Moments _unit_moments(const floating[:, :, ::1] x, Py_ssize_t c, Py_ssize_t n0,
                                   Py_ssize_t n1) noexcept nogil:
+    """Moments of channel c over images [n0, n1): float32 partials plane by plane, or
+    float64 lanes around the unit's first value (one tree and no merge per plane)."""
     cdef Py_ssize_t s = x.shape[2], n
-    cdef Moments acc = _run_moments(&x[n0, c, 0], s)
-    for n in range(n0 + 1, n1):
-        acc = _chan_merge(acc, <double> ((n - n0) * s), _run_moments(&x[n, c, 0], s),
-                          <double> s)
-    return acc
+    cdef double lanes[MOMENT_LANES]
+    cdef double shift
+    cdef Moments acc
+    if _per_run_moments(&x[n0, c, 0], s):
+        acc = _run_moments(&x[n0, c, 0], s)
+        for n in range(n0 + 1, n1):
+            acc = _chan_merge(acc, <double> ((n - n0) * s), _run_moments(&x[n, c, 0], s),
+                              <double> s)
+        return acc
+    shift = <double> x[n0, c, 0]
+    _runs_moments_lanes(&x[n0, c, 0], s, n1 - n0, x.shape[1] * s, shift, lanes, True)
+    return _lanes_moments(lanes, shift, <double> ((n1 - n0) * s))
 
 
 cdef inline GradSums _unit_grad_sums(const floating[:, :, ::1] dy,
@@ -464,20 +502,30 @@ cdef void _outer_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::
 # _outer_moments / _outer_grad_sums.
 
 cdef void _block_moments(const floating[:, :, ::1] x, Py_ssize_t c0, Py_ssize_t c1,
-                         Moments* unit, Moments* chan) noexcept nogil:
-    """Moments of channels [c0, c1) into chan[c0:c1]; unit[c0:c1] is scratch."""
+                         Moments* unit, double* lanes, Moments* chan) noexcept nogil:
+    """Moments of channels [c0, c1) into chan[c0:c1], as _unit_moments does them;
+    unit[c0:c1] and ``lanes`` (MOMENT_LANES doubles a channel, when the planes do not
+    take the float32 partials) are scratch."""
     cdef Py_ssize_t n_batch = x.shape[0], s = x.shape[2]
     cdef Py_ssize_t groups = _n_groups(n_batch, s), g, n, n0, n1, c
+    cdef bint per_run = _per_run_moments(&x[0, 0, 0], s)
     cdef Moments m
     for g in range(groups):
         n0 = _group_start(g, n_batch, groups)
         n1 = _group_start(g + 1, n_batch, groups)
         for n in range(n0, n1):
             for c in range(c0, c1):
-                m = _run_moments(&x[n, c, 0], s)
-                unit[c] = m if n == n0 else _chan_merge(unit[c], <double> ((n - n0) * s), m,
-                                                        <double> s)
+                if per_run:
+                    m = _run_moments(&x[n, c, 0], s)
+                    unit[c] = m if n == n0 else _chan_merge(unit[c], <double> ((n - n0) * s),
+                                                            m, <double> s)
+                else:
+                    _runs_moments_lanes(&x[n, c, 0], s, 1, 0, <double> x[n0, c, 0],
+                                        lanes + c * MOMENT_LANES, n == n0)
         for c in range(c0, c1):
+            if not per_run:
+                unit[c] = _lanes_moments(lanes + c * MOMENT_LANES, <double> x[n0, c, 0],
+                                         <double> ((n1 - n0) * s))
             chan[c] = unit[c] if g == 0 else _chan_merge(chan[c], <double> (n0 * s), unit[c],
                                                          <double> ((n1 - n0) * s))
 
@@ -698,6 +746,7 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef floating* sc
     cdef floating* sh
     cdef Moments* units = NULL
+    cdef double* lanes = NULL
     cdef Py_ssize_t block = _channel_block(n_chan, 2 * n_batch * s * sizeof(floating),
                                            num_threads)
     cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, k, c1
@@ -708,6 +757,8 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
         sc = coef + n_chan
         sh = coef + 2 * n_chan
         units = <Moments*> _alloc((_n_groups(n_batch, s) + 1) * n_chan * sizeof(Moments))
+        if block and not _per_run_moments(&x[0, 0, 0], s):
+            lanes = <double*> _alloc(n_chan * MOMENT_LANES * sizeof(double))
         with nogil:
             if block:
                 with parallel(num_threads=num_threads):
@@ -715,7 +766,7 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                         c1 = (k + 1) * block
                         if c1 > n_chan:
                             c1 = n_chan
-                        _block_moments(x, k * block, c1, units + n_chan, units)
+                        _block_moments(x, k * block, c1, units + n_chan, lanes, units)
                         for c in range(k * block, c1):
                             _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si,
                                           hi, sc, sh)
@@ -734,6 +785,7 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     finally:
         _free(coef)
         _free(units)
+        _free(lanes)
 
 
 def affine_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,

@@ -173,6 +173,18 @@ static inline double fastbn_tree8(const double *v) {
 typedef struct { double mean; double m2; } fastbn_moments;
 typedef struct { double dy; double dyx; double x; } fastbn_gradsums;
 #define FASTBN_GRAD_LANES (3 * FASTBN_LANES)
+#define FASTBN_MOMENT_LANES (2 * FASTBN_LANES)
+
+/* Moments of cnt values from fastbn_runs_moments_lanes' lanes around shift. */
+static inline fastbn_moments fastbn_lanes_moments(const double *lanes, double shift,
+                                                  double cnt) {
+    double total = fastbn_tree8(lanes), squares = fastbn_tree8(lanes + FASTBN_LANES);
+    fastbn_moments r;
+    r.mean = shift + total / cnt;
+    squares -= total * (total / cnt);
+    r.m2 = squares < 0 ? 0.0 : squares;   /* NaN stays NaN */
+    return r;
+}
 
 /* The sums held in fastbn_runs_grad_lanes' lanes. */
 static inline fastbn_gradsums fastbn_lanes_gradsums(const double *lanes) {
@@ -277,6 +289,38 @@ FASTBN_VINLINE void fastbn_store_lanes(double *lanes, fastbn_v4d lo, fastbn_v4d 
         fastbn_store_lanes(p, p0, p1);                                                      \
         fastbn_store_lanes(q, q0, q1);                                                      \
     }
+/* fastbn_runs_moments_lanes' loop, as FASTBN_GRAD_RUNS for the moments. */
+#define FASTBN_MOMENTS_RUNS(LOAD)                                                           \
+    {                                                                                       \
+        const fastbn_v4d vs = {shift, shift, shift, shift};                                 \
+        fastbn_v4d s0 = {0, 0, 0, 0}, s1 = s0, q0 = s0, q1 = s0;                            \
+        if (!fresh) {                                                                       \
+            s0 = fastbn_load4_f64(su);                                                      \
+            s1 = fastbn_load4_f64(su + 4);                                                  \
+            q0 = fastbn_load4_f64(sq);                                                      \
+            q1 = fastbn_load4_f64(sq + 4);                                                  \
+        }                                                                                   \
+        for (ptrdiff_t r = 0; r < count; r++) {                                             \
+            const fastbn_t *FASTBN_RESTRICT p = p0 + r * stride;                            \
+            ptrdiff_t i = 0;                                                                \
+            for (; i < n8; i += FASTBN_LANES) {                                             \
+                fastbn_v4d d0 = LOAD(p + i) - vs, d1 = LOAD(p + i + 4) - vs;                \
+                s0 += d0;                                                                   \
+                s1 += d1;                                                                   \
+                q0 += d0 * d0;                                                              \
+                q1 += d1 * d1;                                                              \
+            }                                                                               \
+            for (; i < n; i++) {                                                            \
+                double d = (double)p[i] - shift;                                            \
+                s0[0] += d;                                                                 \
+                q0[0] += d * d;                                                             \
+            }                                                                               \
+        }                                                                                   \
+        fastbn_store_lanes(su, s0, s1);                                                     \
+        fastbn_store_lanes(sq, q0, q1);                                                     \
+    }
+#define FASTBN_MOMENTS_RUNS_f32 FASTBN_MOMENTS_RUNS(fastbn_load4_f32)
+#define FASTBN_MOMENTS_RUNS_f64 FASTBN_MOMENTS_RUNS(fastbn_load4_f64)
 #define FASTBN_MOMENTS_LANES_f32 FASTBN_MOMENTS_LANES(fastbn_load4_f32)
 #define FASTBN_MOMENTS_LANES_f64 FASTBN_MOMENTS_LANES(fastbn_load4_f64)
 #define FASTBN_GRAD_RUNS_f32 FASTBN_GRAD_RUNS(fastbn_load4_f32)
@@ -290,6 +334,27 @@ FASTBN_VINLINE void fastbn_store_lanes(double *lanes, fastbn_v4d lo, fastbn_v4d 
             q[j] += d * d;                                                                  \
         }                                                                                   \
     }
+#define FASTBN_MOMENTS_RUNS_SCALAR                                                          \
+    if (fresh)                                                                              \
+        memset(lanes, 0, FASTBN_MOMENT_LANES * sizeof(double));                             \
+    for (ptrdiff_t r = 0; r < count; r++) {                                                 \
+        const fastbn_t *FASTBN_RESTRICT p = p0 + r * stride;                                \
+        ptrdiff_t i = 0;                                                                    \
+        for (; i < n8; i += FASTBN_LANES) {                                                 \
+            for (int j = 0; j < FASTBN_LANES; j++) {                                        \
+                double d = (double)p[i + j] - shift;                                        \
+                su[j] += d;                                                                 \
+                sq[j] += d * d;                                                             \
+            }                                                                               \
+        }                                                                                   \
+        for (; i < n; i++) {                                                                \
+            double d = (double)p[i] - shift;                                                \
+            su[0] += d;                                                                     \
+            sq[0] += d * d;                                                                 \
+        }                                                                                   \
+    }
+#define FASTBN_MOMENTS_RUNS_f32 FASTBN_MOMENTS_RUNS_SCALAR
+#define FASTBN_MOMENTS_RUNS_f64 FASTBN_MOMENTS_RUNS_SCALAR
 #define FASTBN_GRAD_RUNS_SCALAR                                                             \
     if (fresh)                                                                              \
         memset(lanes, 0, FASTBN_GRAD_LANES * sizeof(double));                               \
@@ -355,6 +420,18 @@ FASTBN_KERNEL void fastbn_planes_affine_##SUF(const T *FASTBN_RESTRICT x0,      
         else                                                                                \
             FASTBN_STREAMED(T, SUF, y, n, nt, FASTBN_RUN_AFFINE);                           \
     }                                                                                       \
+}                                                                                           \
+                                                                                            \
+/* Adds sum (x - shift) and sum (x - shift)**2 of count runs of n values (run r at     \
+   r * stride) into lanes [s | q], FASTBN_MOMENT_LANES doubles (fastbn_lanes_moments  \
+   totals them), or starts them from 0 when fresh; as fastbn_runs_grad_lanes. */       \
+FASTBN_KERNEL void fastbn_runs_moments_lanes_##SUF(const T *FASTBN_RESTRICT p0,            \
+        ptrdiff_t n, ptrdiff_t count, ptrdiff_t stride, double shift,                       \
+        double *FASTBN_RESTRICT lanes, int fresh) {                                         \
+    typedef T fastbn_t;     /* the element type, for FASTBN_MOMENTS_RUNS */                 \
+    double *su = lanes, *sq = lanes + FASTBN_LANES;                                         \
+    const ptrdiff_t n8 = n - n % FASTBN_LANES;                                              \
+    FASTBN_MOMENTS_RUNS_##SUF                                                               \
 }                                                                                           \
                                                                                             \
 /* Adds sum dy, sum dy * (x - c) and sum (x - c) of count runs of n values (run r at  \
