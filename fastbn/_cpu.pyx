@@ -33,9 +33,9 @@ are bit-identical for any thread count.
 
 Accuracy: statistics are sums of deviations from a shift (channel-inner: one per
 channel, a pilot mean of 16 rows' values; channel-outer: a pilot mean of 16 values
-spread over each plane for float32 input, the first value of each plane for
-float64 input), added in float64 (planes merged with Chan's formula), so the
-variance stays exact for data with a large mean. The mean
+spread over each plane of 128 or more float32 values, merged plane by plane with
+Chan's formula, else the first value of a group's planes), added in float64, so
+the variance stays exact for data with a large mean. The mean
 and variance of float32 input are summed in float32 partials of at most 8
 deviations first (the ``_f32p`` kernels of _kernels.h: half the arithmetic, which
 is what limits these passes on cached data), with a float64 fallback wherever a

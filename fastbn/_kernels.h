@@ -4,14 +4,15 @@
  * Written in C rather than Cython for one reason: `restrict`. Python extensions
  * are compiled with -fno-strict-aliasing, so without it the compiler must assume
  * that the output may overlap the inputs and the per-channel coefficient arrays,
- * and the loops below stop vectorising. Every function here works on one
- * contiguous run of values; the parallel loops and the fixed-order merges stay
- * in Cython.
+ * and the loops below stop vectorising. Every function here works on contiguous
+ * runs of values (a plane, a few planes of one channel or of one image, a block
+ * of rows); the parallel loops and the fixed-order merges stay in Cython.
  *
  * Summation order: reductions use a fixed number of independent lanes (the
- * `lane` arrays), combined in a fixed tree at the end. That order depends only
- * on the run length, so results are identical whatever thread runs them, and
- * the lanes are what lets the compiler use SIMD without -ffast-math.
+ * `lane` arrays, carried over the planes of a unit where the caller asks),
+ * combined in a fixed tree at the end. That order depends only on the shape, so
+ * results are identical whatever thread runs them, and the lanes are what lets
+ * the compiler use SIMD without -ffast-math.
  */
 #ifndef FASTBN_KERNELS_H
 #define FASTBN_KERNELS_H
