@@ -15,9 +15,9 @@ from fastbn import _cpu, _cpu_backend
 import reference as ref
 from helpers import make
 
-# planes of >= 128 values (shorter runs never use partials), channels-last, (N, C) with
-# narrow and wide rows, a 3-D volume
-SHAPES = [((8, 6, 24, 24), "contiguous"), ((8, 6, 24, 24), "channels_last"),
+# planes of >= 128 values (shorter runs never use partials), channels-last and (N, C)
+# with blocks of >= 32 folded rows (fewer take float64), narrow and wide rows, 3-D volumes
+SHAPES = [((8, 6, 24, 24), "contiguous"), ((16, 6, 32, 32), "channels_last"),
           ((4096, 8), "contiguous"), ((515, 600), "contiguous"),
           ((3, 4, 16, 16, 16), "contiguous"), ((3, 4, 16, 16, 16), "channels_last")]
 
@@ -43,6 +43,22 @@ def test_moments_match_float64_sums(offset, shape, layout):
         # offset 0); float64 sums 1e-11 and 1e-13
         assert (np.abs(mean - want_mean) <= 1e-7 * std).all()
         np.testing.assert_allclose(var, want_var, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,layout", SHAPES)
+def test_every_case_takes_the_partials(shape, layout):
+    """The cases above do reach the float32 partials: their bits differ from float64 sums."""
+    x = make(shape, np.float32, seed=30, layout=layout)
+    assert not np.array_equal(_moments(x, True)[1], _moments(x, False)[1])
+
+
+@pytest.mark.parametrize("shape", [(16, 1024), (200, 6)])
+def test_few_rows_a_block_sum_in_float64(shape):
+    """Blocks of fewer than 32 (folded) rows take the float64 kernel: a column of a few
+    values often fails the partials' check anyway. Same bits as the partials switched off."""
+    x = make(shape, np.float32, seed=29)
+    for a, b in zip(_moments(x, True), _moments(x, False)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_switch_is_obeyed():
@@ -148,11 +164,11 @@ def _greedy_rounding(n_rows, n_cols, seed):
     return x
 
 
-@pytest.mark.parametrize("shape", [(8, 1024), (16, 1024), (64, 512)])
+@pytest.mark.parametrize("shape", [(32, 1024), (48, 1024), (64, 512)])
 def test_few_rows_and_adversarial_rounding_stay_within_the_bound(shape):
-    """Few rows per column (a partial covers half of them) on Gaussian data, and the
-    data above: within the worst-case bounds the docs state (M2 3e-6 relative, mean
-    7e-7 of the std)."""
+    """Few rows per column (the fewest that take the partials: one block of 32 rows, or
+    32 folded rows) on Gaussian data, and the data above: within the worst-case bounds
+    the docs state (M2 3e-6 relative, mean 7e-7 of the std)."""
     for x in (make(shape, np.float32, seed=38), _greedy_rounding(*shape, seed=39)):
         want_mean, want_var = ref.moments(x)
         mean, var = _moments(x, True)
