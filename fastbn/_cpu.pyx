@@ -477,7 +477,10 @@ cdef void _outer_moments(const floating[:, :, ::1] x, Moments* units, Moments* o
         g = q // n_chan
         units[q] = _unit_moments(x, q % n_chan, _group_start(g, n_batch, groups),
                                  _group_start(g + 1, n_batch, groups))
-    for c in prange(n_chan, schedule="static", num_threads=num_threads):
+    # the merges run in parallel only when there are many (a parallel region costs more
+    # than a few thousand merges)
+    for c in prange(n_chan, schedule="static",
+                    num_threads=num_threads if groups * n_chan > 4096 else 1):
         out[c] = _merge_units(units, c, n_chan, n_batch, s)
 
 
@@ -1344,7 +1347,7 @@ cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
     cdef double* totals = part + 3 * (bl.blocks + 1) * width
     for c in range(3):
         _sum_blocks(part + c * width, bl.blocks, 3 * width, width, totals + c * width)
-    for c in prange(n_chan, schedule="static", num_threads=num_threads):
+    for c in range(n_chan):
         out[c] = _inner_channel_sums(bl, c, totals, part + 3 * bl.blocks * width)
 
 
