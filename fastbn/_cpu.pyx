@@ -6,7 +6,9 @@ Two memory layouts, each with its own kernels (the layout is chosen in Python,
 see ``fastbn/_layout.py``):
 
 * channel-outer: ``x`` seen as ``(N, C, S)`` with ``S`` contiguous (NCHW, NCDHW,
-  ``(N, C, L)``). The unit of work is one ``(n, c)`` plane of ``S`` values.
+  ``(N, C, L)``). A reduction's unit of work is one channel's planes of a group of
+  consecutive images (see _n_groups); an elementwise pass takes runs of planes of
+  one image.
 * channel-inner: ``x`` seen as ``(M, C)`` with ``C`` contiguous (channels-last,
   2-D ``(N, C)``). Rows are folded by a factor ``k`` into rows of ``P = k * C``
   values so that small ``C`` (the C = 3 image stem) still gives long, vectorisable
@@ -147,6 +149,7 @@ cdef extern from "_kernels.h" nogil:
                                                       const double*, const double*, int)
     enum: GRAD_LANES "FASTBN_GRAD_LANES"
     enum: MOMENT_LANES "FASTBN_MOMENT_LANES"
+    double _m2 "fastbn_m2"(double, double, double)
     Moments _lanes_moments "fastbn_lanes_moments"(const double*, double, double)
     void runs_moments_lanes_f32 "fastbn_runs_moments_lanes_f32"(const float*, Py_ssize_t,
                                                                 Py_ssize_t, Py_ssize_t, double,
@@ -314,20 +317,20 @@ cdef inline void _finish_backward(Py_ssize_t c, GradSums sums, double center,
 # Results are returned by value: a variable assigned in a prange body is private to
 # its thread, one written through a pointer would be shared.
 cdef inline Moments _run_moments(const floating* p, Py_ssize_t s) noexcept nogil:
+    """One plane in float32 partials (the planes _per_run_moments picks)."""
     if floating is float:
-        if _f32_partials and s >= F32P_MIN_RUN:
-            return run_moments_f32p(p, s)
-        return run_moments_f32(p, s)
+        return run_moments_f32p(p, s)
     else:
         return run_moments_f64(p, s)
 
 
-cdef inline bint _per_run_moments(const floating* p, Py_ssize_t s) noexcept nogil:
+cdef inline bint _per_run_moments(const floating* p, Py_ssize_t s, bint partials) noexcept nogil:
     """Whether planes of ``s`` values (of p's type) take the float32-partials kernel
     one by one (merged with Chan's formula), rather than float64 lanes carried over a
-    unit."""
+    unit. ``partials``: the switch, read once per call by the caller (so that a call
+    never mixes the two, nor frees scratch that one of them needs)."""
     if floating is float:
-        return _f32_partials and s >= F32P_MIN_RUN
+        return partials and s >= F32P_MIN_RUN
     else:
         return False
 
@@ -420,14 +423,14 @@ cdef inline Py_ssize_t _group_start(Py_ssize_t g, Py_ssize_t n_batch,
 
 
 cdef inline Moments _unit_moments(const floating[:, :, ::1] x, Py_ssize_t c, Py_ssize_t n0,
-                                  Py_ssize_t n1) noexcept nogil:
+                                  Py_ssize_t n1, bint per_run) noexcept nogil:
     """Moments of channel c over images [n0, n1): float32 partials plane by plane, or
     float64 lanes around the unit's first value (one tree and no merge per plane)."""
     cdef Py_ssize_t s = x.shape[2], n
     cdef double lanes[MOMENT_LANES]
     cdef double shift
     cdef Moments acc
-    if _per_run_moments(&x[n0, c, 0], s):
+    if per_run:
         acc = _run_moments(&x[n0, c, 0], s)
         for n in range(n0 + 1, n1):
             acc = _chan_merge(acc, <double> ((n - n0) * s), _run_moments(&x[n, c, 0], s),
@@ -469,14 +472,15 @@ cdef inline Moments _merge_units(const Moments* units, Py_ssize_t c, Py_ssize_t 
 
 
 cdef void _outer_moments(const floating[:, :, ::1] x, Moments* units, Moments* out,
-                         int num_threads) noexcept nogil:
-    """Per-channel moments via (group, channel) units, units in parallel."""
+                         bint per_run, int num_threads) noexcept nogil:
+    """Per-channel moments via (group, channel) units, units in parallel (``per_run``:
+    _per_run_moments)."""
     cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t groups = _n_groups(n_batch, s), q, g, c
     for q in prange(groups * n_chan, schedule="static", num_threads=num_threads):
         g = q // n_chan
         units[q] = _unit_moments(x, q % n_chan, _group_start(g, n_batch, groups),
-                                 _group_start(g + 1, n_batch, groups))
+                                 _group_start(g + 1, n_batch, groups), per_run)
     # the merges run in parallel only when there are many (a parallel region costs more
     # than a few thousand merges)
     for c in prange(n_chan, schedule="static",
@@ -507,13 +511,13 @@ cdef void _outer_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::
 # _outer_moments / _outer_grad_sums.
 
 cdef void _block_moments(const floating[:, :, ::1] x, Py_ssize_t c0, Py_ssize_t c1,
-                         Moments* unit, double* lanes, Moments* chan) noexcept nogil:
+                         Moments* unit, double* lanes, Moments* chan,
+                         bint per_run) noexcept nogil:
     """Moments of channels [c0, c1) into chan[c0:c1], as _unit_moments does them;
-    unit[c0:c1] and ``lanes`` (MOMENT_LANES doubles a channel, when the planes do not
-    take the float32 partials) are scratch."""
+    unit[c0:c1] and ``lanes`` (MOMENT_LANES doubles a channel, needed unless
+    ``per_run``) are scratch."""
     cdef Py_ssize_t n_batch = x.shape[0], s = x.shape[2]
     cdef Py_ssize_t groups = _n_groups(n_batch, s), g, n, n0, n1, c
-    cdef bint per_run = _per_run_moments(&x[0, 0, 0], s)
     cdef Moments m
     for g in range(groups):
         n0 = _group_start(g, n_batch, groups)
@@ -756,13 +760,14 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                                            num_threads)
     cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, k, c1
     cdef bint nt = _streams(2 * planes * s * sizeof(floating), STREAM_OUTER)
+    cdef bint per_run = _per_run_moments(&x[0, 0, 0], s, _f32_partials)
     try:
         coef = <floating*> _alloc(3 * n_chan * sizeof(floating))
         hi = coef
         sc = coef + n_chan
         sh = coef + 2 * n_chan
         units = <Moments*> _alloc((_n_groups(n_batch, s) + 1) * n_chan * sizeof(Moments))
-        if block and not _per_run_moments(&x[0, 0, 0], s):
+        if block and not per_run:
             lanes = <double*> _alloc(n_chan * MOMENT_LANES * sizeof(double))
         with nogil:
             if block:
@@ -771,7 +776,7 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                         c1 = (k + 1) * block
                         if c1 > n_chan:
                             c1 = n_chan
-                        _block_moments(x, k * block, c1, units + n_chan, lanes, units)
+                        _block_moments(x, k * block, c1, units + n_chan, lanes, units, per_run)
                         for c in range(k * block, c1):
                             _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si,
                                           hi, sc, sh)
@@ -782,7 +787,7 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                     if nt:
                         _stream_fence()
             else:
-                _outer_moments(x, units + n_chan, units, num_threads)
+                _outer_moments(x, units + n_chan, units, per_run, num_threads)
                 for c in range(n_chan):
                     _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si, hi,
                                   sc, sh)
@@ -908,7 +913,9 @@ def moments_outer(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2,
                                             * sizeof(Moments))
     try:
         with nogil:
-            _outer_moments(x, units + n_chan, units, num_threads)
+            _outer_moments(x, units + n_chan, units, _per_run_moments(&x[0, 0, 0], x.shape[2],
+                                                                      _f32_partials),
+                           num_threads)
             for c in range(n_chan):
                 mean[c] = units[c].mean
                 m2[c] = units[c].m2
@@ -981,10 +988,13 @@ cdef Blocks _blocks(Py_ssize_t m, Py_ssize_t n_chan) noexcept nogil:
     bl.rows_per_block = max(by_size, by_count, by_target, MIN_BLOCK_ROWS)
     bl.blocks = (bl.body_rows + bl.rows_per_block - 1) // bl.rows_per_block
     if bl.blocks > TARGET_BLOCKS and bl.blocks % TARGET_BLOCKS:
-        # a multiple of TARGET_BLOCKS blocks shares out evenly over 2, 4 or 8 threads
+        # a multiple of TARGET_BLOCKS blocks shares out evenly over 2, 4 or 8 threads,
+        # unless that would take the blocks under MIN_BLOCK_ROWS rows
         t = (bl.blocks + TARGET_BLOCKS - 1) // TARGET_BLOCKS * TARGET_BLOCKS
-        bl.rows_per_block = (bl.body_rows + t - 1) // t
-        bl.blocks = (bl.body_rows + bl.rows_per_block - 1) // bl.rows_per_block
+        t = (bl.body_rows + t - 1) // t
+        if t >= MIN_BLOCK_ROWS:
+            bl.rows_per_block = t
+            bl.blocks = (bl.body_rows + bl.rows_per_block - 1) // bl.rows_per_block
     return bl
 
 
@@ -998,7 +1008,8 @@ cdef inline Py_ssize_t _block_end(Blocks bl, Py_ssize_t blk) noexcept nogil:
 
 cdef inline void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_t r0,
                                Py_ssize_t r1, double* su, double* sq,
-                               const double* shift, double* local) noexcept nogil:
+                               const double* shift, double* local,
+                               bint partials) noexcept nogil:
     """Column sums of ``x - shift`` and its square over rows [r0, r1); ``local`` is
     scratch of ``width`` doubles for the float32 partials (see _kernels.h).
 
@@ -1008,7 +1019,7 @@ cdef inline void _rows_moments(const floating* base, Py_ssize_t width, Py_ssize_
     moments took 9.3 us with the partials and 4.3 us without (4 folded rows).
     """
     if floating is float:
-        if _f32_partials and r1 - r0 >= F32P_MIN_ROWS:
+        if partials and r1 - r0 >= F32P_MIN_ROWS:
             rows_moments_f32p(base, width, r0, r1, su, sq, shift, local)
         else:
             rows_moments_f32(base, width, r0, r1, su, sq, shift)
@@ -1038,9 +1049,7 @@ cdef inline Moments _group_moments(double tot, double sq, double shift,
     """Moments of a group from its sums of (x - shift) and (x - shift)**2."""
     cdef Moments g
     g.mean = shift + tot / cnt
-    g.m2 = sq - tot * (tot / cnt)
-    if g.m2 < 0:
-        g.m2 = 0
+    g.m2 = _m2(tot, sq, cnt)
     return g
 
 
@@ -1081,23 +1090,25 @@ cdef void _pilot_rows(const floating* rows, Py_ssize_t width, Py_ssize_t n_chan,
     """
     cdef Py_ssize_t k = n if n < 16 else 16, fold = width // n_chan, i, j, f
     cdef const floating* row
+    # each value scaled before it is added, so that the sum of 16 * fold float64
+    # values near the top of the range cannot overflow
     cdef double inv = 1.0 / <double> (k * fold)
     for j in range(width):
         out[j] = 0
     for i in range(k):
         row = rows + (i * n // k) * width
         for j in range(width):
-            out[j] = out[j] + <double> row[j]
+            out[j] = out[j] + <double> row[j] * inv
     for f in range(1, fold):
         for j in range(n_chan):
             out[j] = out[j] + out[f * n_chan + j]
     for j in range(n_chan):
-        out[j] = <double> <floating> (out[j] * inv)
+        out[j] = <double> <floating> out[j]
     _tile_f64(out, n_chan, width)
 
 
 cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, double* mean,
-                         double* m2, int num_threads) noexcept nogil:
+                         double* m2, bint partials, int num_threads) noexcept nogil:
     """Per-channel mean and M2 of an (M, C) array; ``scratch``: _moments_scratch(bl).
 
     Sums are taken around one shift per channel, the _pilot_rows of the folded
@@ -1125,10 +1136,10 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
     for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
         r0 = blk * bl.rows_per_block
         _rows_moments(base, width, r0, _block_end(bl, blk), &su[blk * width],
-                      &sq[blk * width], shift, &local[blk * width])
+                      &sq[blk * width], shift, &local[blk * width], partials)
     if bl.tail > 0:
         _rows_moments(tail, n_chan, 0, bl.tail, &su[bl.blocks * width],
-                      &sq[bl.blocks * width], shift, &local[bl.blocks * width])
+                      &sq[bl.blocks * width], shift, &local[bl.blocks * width], partials)
     _sum_blocks(su, bl.blocks, width, width, tot)
     _sum_blocks(sq, bl.blocks, width, width, squares)
     for c in range(n_chan):
@@ -1191,7 +1202,8 @@ def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,
         stats = <double*> _alloc(2 * n_chan * sizeof(double))
         coef = <floating*> _alloc(3 * width * sizeof(floating))
         with nogil:
-            _inner_moments(&x[0, 0], bl, scratch, stats, stats + n_chan, num_threads)
+            _inner_moments(&x[0, 0], bl, scratch, stats, stats + n_chan, _f32_partials,
+                           num_threads)
             for c in range(n_chan):
                 mo.mean = stats[c]
                 mo.m2 = stats[n_chan + c]
@@ -1214,7 +1226,7 @@ def moments_inner(const floating[:, ::1] x, double[::1] mean, double[::1] m2,
     cdef double* scratch = _moments_scratch(bl)
     try:
         with nogil:
-            _inner_moments(&x[0, 0], bl, scratch, &mean[0], &m2[0], num_threads)
+            _inner_moments(&x[0, 0], bl, scratch, &mean[0], &m2[0], _f32_partials, num_threads)
     finally:
         _free(scratch)
 

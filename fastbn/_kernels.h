@@ -17,6 +17,7 @@
 #ifndef FASTBN_KERNELS_H
 #define FASTBN_KERNELS_H
 
+#include <float.h>
 #include <stddef.h>
 #include <string.h>
 
@@ -176,14 +177,25 @@ typedef struct { double dy; double dyx; double x; } fastbn_gradsums;
 #define FASTBN_GRAD_LANES (3 * FASTBN_LANES)
 #define FASTBN_MOMENT_LANES (2 * FASTBN_LANES)
 
+/* M2 = squares - total**2 / cnt, at least 0; NaN stays NaN (NaN or inf in the data),
+   but squares that overflowed on finite data give +inf, not inf - inf: whether the
+   product overflows first depends on FMA contraction, which differs between clones. */
+static inline double fastbn_m2(double total, double squares, double cnt) {
+    double m2 = squares - total * (total / cnt);
+    if (m2 < 0)
+        m2 = 0;
+    if (m2 != m2 && squares > DBL_MAX && total >= -DBL_MAX && total <= DBL_MAX)
+        m2 = squares;
+    return m2;
+}
+
 /* Moments of cnt values from fastbn_runs_moments_lanes' lanes around shift. */
 static inline fastbn_moments fastbn_lanes_moments(const double *lanes, double shift,
                                                   double cnt) {
     double total = fastbn_tree8(lanes), squares = fastbn_tree8(lanes + FASTBN_LANES);
     fastbn_moments r;
     r.mean = shift + total / cnt;
-    squares -= total * (total / cnt);
-    r.m2 = squares < 0 ? 0.0 : squares;   /* NaN stays NaN */
+    r.m2 = fastbn_m2(total, squares, cnt);
     return r;
 }
 
@@ -401,8 +413,7 @@ FASTBN_KERNEL fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p
     double total = fastbn_tree8(s), squares = fastbn_tree8(q);                              \
     fastbn_moments r;                                                                       \
     r.mean = shift + total / (double)n;                                                     \
-    squares -= total * (total / (double)n);                                                 \
-    r.m2 = squares < 0 ? 0.0 : squares;   /* NaN stays NaN */                                 \
+    r.m2 = fastbn_m2(total, squares, (double)n);                                            \
     return r;                                                                               \
 }                                                                                           \
                                                                                             \

@@ -116,3 +116,32 @@ def test_outlier_in_the_first_row(shape):
     want_mean, want_var = ref.moments(x)
     assert (np.abs(got_mean - want_mean) <= 1e-12 * np.sqrt(want_var)).all()
     np.testing.assert_allclose(got_m2 / count, want_var, rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape,layout", [((8, 4, 3, 3), "contiguous"),
+                                          ((8, 4, 16, 16), "contiguous"),
+                                          ((8, 4, 16, 16), "channels_last"),
+                                          ((300, 4), "contiguous")])
+def test_variance_that_overflows_float64_is_inf(shape, layout):
+    """One value near float64's maximum: the squared deviations overflow, and the variance
+    is +inf (1 / sqrt(var + eps) = 0), never inf - inf = NaN, whatever kernel or clone
+    sums it (a review found NaN, hence NaN outputs, on 7x7 planes); other channels are
+    untouched."""
+    x = make(shape, np.float64, seed=28, layout=layout)
+    x[(1, 2) + (0,) * (len(shape) - 2)] = np.finfo(np.float64).max / 4
+    y, save_mean, save_invstd = fastbn.batch_norm_forward(x, None, None, None, None, True,
+                                                          0.1, 1e-5)
+    assert save_invstd[2] == 0 and np.isfinite(save_mean[2])
+    assert np.isfinite(y).all()
+    others = [0, 1, 3]
+    want_mean, want_var = ref.moments(x[:, others])
+    np.testing.assert_allclose(save_invstd[others], 1 / np.sqrt(want_var + 1e-5), rtol=1e-12)
+
+
+def test_constant_channel_near_the_top_of_float64():
+    """A channel-inner pilot sums 16 rows of every folded column of a channel; scaled
+    before adding, values of 1e305 do not overflow it (they did: mean NaN)."""
+    x = np.full((2048, 1), 1e305)
+    y, save_mean, save_invstd = fastbn.batch_norm_forward(x, None, None, None, None, True,
+                                                          0.1, 1e-5)
+    assert save_mean[0] == 1e305 and (y == 0).all()

@@ -229,3 +229,11 @@ def test_constant_and_non_finite_channels(shape, layout):
     assert np.isnan(on[1][1]) and np.isnan(on[1][2])
     want_mean, want_var = ref.moments(x[:, 3:])
     np.testing.assert_allclose(on[1][3:], want_var, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(257, 8192), (1000, 8192)])
+def test_very_wide_rows_keep_blocks_of_32_rows(shape):
+    """Rounding the block count to a multiple of 8 must not take blocks under 32 rows (for
+    C >= 8192 it did, and those blocks lost the partials): the bits differ from float64."""
+    x = make(shape, np.float32, seed=27)
+    assert not np.array_equal(_moments(x, True)[1], _moments(x, False)[1])

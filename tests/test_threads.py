@@ -148,3 +148,43 @@ def test_small_inputs_still_exact_with_many_threads():
         _threads.MIN_VALUES_PER_THREAD = saved
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("shape,layout", [((64, 8, 16, 16), "contiguous"),
+                                          ((64, 8, 16, 16), "channels_last")])
+def test_float32_partials_switch_flipped_during_calls(shape, layout):
+    """set_float32_partials is read once per call: flipping it from another thread while
+    calls run (the GIL is released in the kernels) gives one of the two results, never a
+    mix, and never a crash (a call of the channel-block schedule read it twice and wrote
+    through scratch it had not allocated)."""
+    import threading
+
+    from fastbn import _cpu
+
+    x = make(shape, np.float32, seed=26, layout=layout)
+    outs = []
+    try:
+        _cpu.set_schedule(1)
+        for on in (True, False):
+            _cpu.set_float32_partials(on)
+            outs.append(fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1,
+                                                  1e-5)[1])
+        stop = threading.Event()
+
+        def flip():
+            while not stop.is_set():
+                _cpu.set_float32_partials(True)
+                _cpu.set_float32_partials(False)
+
+        t = threading.Thread(target=flip)
+        t.start()
+        try:
+            for _ in range(300):
+                got = fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)[1]
+                assert any(np.array_equal(got, o) for o in outs)
+        finally:
+            stop.set()
+            t.join()
+    finally:
+        _cpu.set_float32_partials(True)
+        _cpu.set_schedule(0)
