@@ -246,25 +246,12 @@ FASTBN_VINLINE void fastbn_store_lanes(double *lanes, fastbn_v4d lo, fastbn_v4d 
 }
 #endif
 
-/* Main loops of the lane reductions, over i < n8 (a multiple of 8). */
+/* Main loops of the lane reductions over count runs (fastbn_runs_grad_lanes,
+   fastbn_runs_moments_lanes): 8 lanes over i < n8 (a multiple of 8), a run's last
+   n % 8 values into lane 0 one by one. The lanes stay in registers from run to run
+   (through memory, a run's tail written into lane 0 and read back as a vector
+   stalled store forwarding on every run). */
 #ifdef FASTBN_VEC
-#define FASTBN_MOMENTS_LANES(LOAD)                                                          \
-    {                                                                                       \
-        const fastbn_v4d vs = {shift, shift, shift, shift};                                 \
-        fastbn_v4d s0 = {0, 0, 0, 0}, s1 = s0, q0 = s0, q1 = s0;                            \
-        for (; i < n8; i += FASTBN_LANES) {                                                 \
-            fastbn_v4d d0 = LOAD(p + i) - vs, d1 = LOAD(p + i + 4) - vs;                    \
-            s0 += d0;                                                                       \
-            s1 += d1;                                                                       \
-            q0 += d0 * d0;                                                                  \
-            q1 += d1 * d1;                                                                  \
-        }                                                                                   \
-        fastbn_store_lanes(s, s0, s1);                                                      \
-        fastbn_store_lanes(q, q0, q1);                                                      \
-    }
-/* fastbn_runs_grad_lanes' loop: the lanes stay in registers from run to run (through
-   memory, a run's tail written into lane 0 and read back as a vector stalled store
-   forwarding on every run); a run's last n % 8 values go into lane 0 one by one. */
 #define FASTBN_GRAD_RUNS(LOAD)                                                              \
     {                                                                                       \
         const fastbn_v4d vc = {center, center, center, center};                             \
@@ -302,7 +289,6 @@ FASTBN_VINLINE void fastbn_store_lanes(double *lanes, fastbn_v4d lo, fastbn_v4d 
         fastbn_store_lanes(p, p0, p1);                                                      \
         fastbn_store_lanes(q, q0, q1);                                                      \
     }
-/* fastbn_runs_moments_lanes' loop, as FASTBN_GRAD_RUNS for the moments. */
 #define FASTBN_MOMENTS_RUNS(LOAD)                                                           \
     {                                                                                       \
         const fastbn_v4d vs = {shift, shift, shift, shift};                                 \
@@ -334,19 +320,9 @@ FASTBN_VINLINE void fastbn_store_lanes(double *lanes, fastbn_v4d lo, fastbn_v4d 
     }
 #define FASTBN_MOMENTS_RUNS_f32 FASTBN_MOMENTS_RUNS(fastbn_load4_f32)
 #define FASTBN_MOMENTS_RUNS_f64 FASTBN_MOMENTS_RUNS(fastbn_load4_f64)
-#define FASTBN_MOMENTS_LANES_f32 FASTBN_MOMENTS_LANES(fastbn_load4_f32)
-#define FASTBN_MOMENTS_LANES_f64 FASTBN_MOMENTS_LANES(fastbn_load4_f64)
 #define FASTBN_GRAD_RUNS_f32 FASTBN_GRAD_RUNS(fastbn_load4_f32)
 #define FASTBN_GRAD_RUNS_f64 FASTBN_GRAD_RUNS(fastbn_load4_f64)
 #else
-#define FASTBN_MOMENTS_LANES_SCALAR                                                         \
-    for (; i < n8; i += FASTBN_LANES) {                                                     \
-        for (int j = 0; j < FASTBN_LANES; j++) {                                            \
-            double d = (double)p[i + j] - shift;                                            \
-            s[j] += d;                                                                      \
-            q[j] += d * d;                                                                  \
-        }                                                                                   \
-    }
 #define FASTBN_MOMENTS_RUNS_SCALAR                                                          \
     if (fresh)                                                                              \
         memset(lanes, 0, FASTBN_MOMENT_LANES * sizeof(double));                             \
@@ -390,32 +366,11 @@ FASTBN_VINLINE void fastbn_store_lanes(double *lanes, fastbn_v4d lo, fastbn_v4d 
             q[0] += e;                                                                      \
         }                                                                                   \
     }
-#define FASTBN_MOMENTS_LANES_f32 FASTBN_MOMENTS_LANES_SCALAR
-#define FASTBN_MOMENTS_LANES_f64 FASTBN_MOMENTS_LANES_SCALAR
 #define FASTBN_GRAD_RUNS_f32 FASTBN_GRAD_RUNS_SCALAR
 #define FASTBN_GRAD_RUNS_f64 FASTBN_GRAD_RUNS_SCALAR
 #endif
 
 #define FASTBN_DEFINE_KERNELS(T, SUF)                                                       \
-                                                                                            \
-/* Mean and sum of squared deviations of n >= 1 values, summed around p[0]. */              \
-FASTBN_KERNEL fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p,           \
-                                                     ptrdiff_t n) {                         \
-    const double shift = (double)p[0];                                                      \
-    double s[FASTBN_LANES] = {0}, q[FASTBN_LANES] = {0};                                    \
-    ptrdiff_t i = 0, n8 = n - n % FASTBN_LANES;                                             \
-    FASTBN_MOMENTS_LANES_##SUF                                                              \
-    for (; i < n; i++) {                                                                    \
-        double d = (double)p[i] - shift;                                                    \
-        s[0] += d;                                                                          \
-        q[0] += d * d;                                                                      \
-    }                                                                                       \
-    double total = fastbn_tree8(s), squares = fastbn_tree8(q);                              \
-    fastbn_moments r;                                                                       \
-    r.mean = shift + total / (double)n;                                                     \
-    r.m2 = fastbn_m2(total, squares, (double)n);                                            \
-    return r;                                                                               \
-}                                                                                           \
                                                                                             \
 /* y = (x - hi[r]) * sc[r] + sh[r] over count planes of n values back to back (plane r  \
    at r * n), per-plane coefficients (hi[r] == 0: one multiply-add). One call for a    \
@@ -444,6 +399,14 @@ FASTBN_KERNEL void fastbn_runs_moments_lanes_##SUF(const T *FASTBN_RESTRICT p0, 
     double *su = lanes, *sq = lanes + FASTBN_LANES;                                         \
     const ptrdiff_t n8 = n - n % FASTBN_LANES;                                              \
     FASTBN_MOMENTS_RUNS_##SUF                                                               \
+}                                                                                           \
+                                                                                            \
+/* Mean and sum of squared deviations of n >= 1 values, summed around p[0]. */              \
+FASTBN_KERNEL fastbn_moments fastbn_run_moments_##SUF(const T *FASTBN_RESTRICT p,           \
+                                                     ptrdiff_t n) {                         \
+    double lanes[FASTBN_MOMENT_LANES];                                                      \
+    fastbn_runs_moments_lanes_##SUF(p, n, 1, 0, (double)p[0], lanes, 1);                    \
+    return fastbn_lanes_moments(lanes, (double)p[0], (double)n);                            \
 }                                                                                           \
                                                                                             \
 /* Adds sum dy, sum dy * (x - c) and sum (x - c) of count runs of n values (run r at  \
