@@ -138,7 +138,6 @@ cdef extern from "_kernels.h" nogil:
         double dy       # sum(dy)
         double dyx      # sum(dy * (x - center))
         double x        # sum(x - center)
-    Moments run_moments_f32 "fastbn_run_moments_f32"(const float*, Py_ssize_t)
     Moments run_moments_f64 "fastbn_run_moments_f64"(const double*, Py_ssize_t)
     Moments run_moments_f32p "fastbn_run_moments_f32p"(const float*, Py_ssize_t)
     void planes_affine_f32 "fastbn_planes_affine_f32"(const float*, float*, Py_ssize_t,
@@ -149,7 +148,7 @@ cdef extern from "_kernels.h" nogil:
                                                       const double*, const double*, int)
     enum: GRAD_LANES "FASTBN_GRAD_LANES"
     enum: MOMENT_LANES "FASTBN_MOMENT_LANES"
-    double _m2 "fastbn_m2"(double, double, double)
+    Moments _group_moments "fastbn_group_moments"(double, double, double, double)
     Moments _lanes_moments "fastbn_lanes_moments"(const double*, double, double)
     void runs_moments_lanes_f32 "fastbn_runs_moments_lanes_f32"(const float*, Py_ssize_t,
                                                                 Py_ssize_t, Py_ssize_t, double,
@@ -691,43 +690,29 @@ def channel_block(Py_ssize_t n_chan, Py_ssize_t channel_bytes, int num_threads):
     return _channel_block(n_chan, channel_bytes, num_threads)
 
 
-cdef void _outer_affine(const floating[:, :, ::1] x, floating[:, :, ::1] y,
-                        const floating* hi, const floating* sc, const floating* sh, bint nt,
-                        int num_threads) noexcept nogil:
-    """Plane schedule of ``y = (x - hi[c]) * sc[c] + sh[c]``: runs of planes in parallel."""
-    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
+cdef void _outer_planes(const floating* dy, const floating* x, floating* out,
+                        Py_ssize_t n_batch, Py_ssize_t n_chan, Py_ssize_t s,
+                        const floating* hi, const floating* a, const floating* b,
+                        const floating* k, bint nt, int num_threads) noexcept nogil:
+    """Plane schedule of an elementwise pass over C-contiguous (N, C, S) arrays: runs
+    of planes of one image in parallel, coefficients per channel. ``dy`` NULL:
+    ``out = (x - hi) * a + b`` (a: scale, b: shift); else grad_input with a = ak,
+    b = mk and ``k``."""
     cdef Py_ssize_t cp = _plane_chunk(n_chan, s), per = (n_chan + cp - 1) // cp
-    cdef Py_ssize_t t, n, c0, c1
+    cdef Py_ssize_t t, n, c0, c1, o
     with parallel(num_threads=num_threads):
-        for t in prange(x.shape[0] * per, schedule="static"):
+        for t in prange(n_batch * per, schedule="static"):
             n = t // per
             c0 = (t - n * per) * cp
             c1 = c0 + cp
             if c1 > n_chan:
                 c1 = n_chan
-            _planes_affine(&x[n, c0, 0], &y[n, c0, 0], s, c1 - c0, hi + c0, sc + c0, sh + c0,
-                           nt)
-        if nt:
-            _stream_fence()
-
-
-cdef void _outer_grad_input(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-                            floating[:, :, ::1] gx, const floating* hi, const floating* ak,
-                            const floating* mk, const floating* k, bint nt,
-                            int num_threads) noexcept nogil:
-    """Plane schedule of grad_input (coefficients per channel): runs of planes in parallel."""
-    cdef Py_ssize_t n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t cp = _plane_chunk(n_chan, s), per = (n_chan + cp - 1) // cp
-    cdef Py_ssize_t t, n, c0, c1
-    with parallel(num_threads=num_threads):
-        for t in prange(x.shape[0] * per, schedule="static"):
-            n = t // per
-            c0 = (t - n * per) * cp
-            c1 = c0 + cp
-            if c1 > n_chan:
-                c1 = n_chan
-            _planes_grad_input(&dy[n, c0, 0], &x[n, c0, 0], &gx[n, c0, 0], s, c1 - c0,
-                               hi + c0, ak + c0, mk + c0, k + c0, nt)
+            o = (n * n_chan + c0) * s
+            if dy == NULL:
+                _planes_affine(x + o, out + o, s, c1 - c0, hi + c0, a + c0, b + c0, nt)
+            else:
+                _planes_grad_input(dy + o, x + o, out + o, s, c1 - c0, hi + c0, a + c0,
+                                   b + c0, k + c0, nt)
         if nt:
             _stream_fence()
 
@@ -791,7 +776,8 @@ def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 for c in range(n_chan):
                     _finish_train(c, units[c], count, eps, momentum, w, b, rm, rv, sm, si, hi,
                                   sc, sh)
-                _outer_affine(x, y, hi, sc, sh, nt, num_threads)
+                _outer_planes(NULL, &x[0, 0, 0], &y[0, 0, 0], n_batch, n_chan, s, hi, sc, sh,
+                              NULL, nt, num_threads)
     finally:
         _free(coef)
         _free(units)
@@ -805,7 +791,8 @@ def affine_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef bint nt = _streams(2 * x.shape[0] * x.shape[1] * x.shape[2] * sizeof(floating),
                            STREAM_OUTER)
     with nogil:
-        _outer_affine(x, y, &hi[0], &scale[0], &shift[0], nt, num_threads)
+        _outer_planes(NULL, &x[0, 0, 0], &y[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
+                      &hi[0], &scale[0], &shift[0], NULL, nt, num_threads)
 
 
 def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
@@ -823,7 +810,8 @@ def forward_eval_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
         with nogil:
             _eval_coefs(n_chan, w, b, &running_mean[0], &running_var[0],
                         eps, coef, coef + n_chan, coef + 2 * n_chan)
-            _outer_affine(x, y, coef, coef + n_chan, coef + 2 * n_chan, nt, num_threads)
+            _outer_planes(NULL, &x[0, 0, 0], &y[0, 0, 0], x.shape[0], n_chan, x.shape[2],
+                          coef, coef + n_chan, coef + 2 * n_chan, NULL, nt, num_threads)
     finally:
         _free(coef)
 
@@ -897,7 +885,8 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                 for c in range(n_chan):
                     _finish_backward(c, units[c] if need_sums else zero, ctr[c], invstd[c],
                                      count, training, w, gw, gb, hi, ak, mk, k)
-                _outer_grad_input(dy, x, gx, hi, ak, mk, k, nt, num_threads)
+                _outer_planes(&dy[0, 0, 0], &x[0, 0, 0], &gx[0, 0, 0], n_batch, n_chan, s, hi,
+                              ak, mk, k, nt, num_threads)
     finally:
         _free(ctr)
         _free(coef)
@@ -946,8 +935,9 @@ def grad_input_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef bint nt = _streams(3 * x.shape[0] * x.shape[1] * x.shape[2] * sizeof(floating),
                            STREAM_OUTER)
     with nogil:
-        _outer_grad_input(dy, x, gx, &coef[0, 0], &coef[1, 0], &coef[2, 0], &coef[3, 0], nt,
-                          num_threads)
+        _outer_planes(&dy[0, 0, 0], &x[0, 0, 0], &gx[0, 0, 0], x.shape[0], x.shape[1],
+                      x.shape[2], &coef[0, 0], &coef[1, 0], &coef[2, 0], &coef[3, 0], nt,
+                      num_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -1042,15 +1032,6 @@ cdef void _sum_blocks(const double* part, Py_ssize_t blocks, Py_ssize_t stride,
         row = part + blk * stride
         for j in range(width):
             out[j] = out[j] + row[j]
-
-
-cdef inline Moments _group_moments(double tot, double sq, double shift,
-                                  double cnt) noexcept nogil:
-    """Moments of a group from its sums of (x - shift) and (x - shift)**2."""
-    cdef Moments g
-    g.mean = shift + tot / cnt
-    g.m2 = _m2(tot, sq, cnt)
-    return g
 
 
 cdef inline Moments _inner_channel(Blocks bl, Py_ssize_t c, const double* tot,
@@ -1160,25 +1141,27 @@ cdef double* _grad_scratch(Blocks bl) except NULL:
     return <double*> _alloc((3 * (bl.blocks + 1) + 3) * bl.width * sizeof(double))
 
 
-cdef inline void _tile(floating* a, Py_ssize_t n_chan, Py_ssize_t width) noexcept nogil:
-    """Repeat a[0:C] over a[0:P] (coefficients for a folded row).
+cdef inline void _tile_bytes(char* a, size_t lead, size_t total) noexcept nogil:
+    """Repeat the first ``lead`` bytes of ``a`` over its first ``total`` bytes.
 
     By doubling copies: the plain loop ``a[j] = a[j - C]`` waits on its own store
     every C values, and for the stem's C = 3 (or C = 1) that chain cost more than
     the rest of a small call.
     """
-    cdef Py_ssize_t k = n_chan
-    while k < width:
-        memcpy(a + k, a, (k if 2 * k <= width else width - k) * sizeof(floating))
+    cdef size_t k = lead
+    while 0 < k < total:
+        memcpy(a + k, a, k if 2 * k <= total else total - k)
         k = 2 * k
+
+
+cdef inline void _tile(floating* a, Py_ssize_t n_chan, Py_ssize_t width) noexcept nogil:
+    """Repeat a[0:C] over a[0:P] (coefficients for a folded row)."""
+    _tile_bytes(<char*> a, n_chan * sizeof(floating), width * sizeof(floating))
 
 
 cdef inline void _tile_f64(double* a, Py_ssize_t n_chan, Py_ssize_t width) noexcept nogil:
     """:func:`_tile` for the float64 centers (not fused: callers are fused over floating)."""
-    cdef Py_ssize_t k = n_chan
-    while k < width:
-        memcpy(a + k, a, (k if 2 * k <= width else width - k) * sizeof(double))
-        k = 2 * k
+    _tile_bytes(<char*> a, n_chan * sizeof(double), width * sizeof(double))
 
 
 def forward_train_inner(const floating[:, ::1] x, floating[:, ::1] y,

@@ -195,14 +195,21 @@ static inline double fastbn_m2(double total, double squares, double cnt) {
     return m2;
 }
 
-/* Moments of cnt values from fastbn_runs_moments_lanes' lanes around shift. */
-static inline fastbn_moments fastbn_lanes_moments(const double *lanes, double shift,
+/* Moments of cnt values from the sum (total) and sum of squares of their deviations
+   from shift. */
+static inline fastbn_moments fastbn_group_moments(double total, double squares, double shift,
                                                   double cnt) {
-    double total = fastbn_tree8(lanes), squares = fastbn_tree8(lanes + FASTBN_LANES);
     fastbn_moments r;
     r.mean = shift + total / cnt;
     r.m2 = fastbn_m2(total, squares, cnt);
     return r;
+}
+
+/* Moments of cnt values from fastbn_runs_moments_lanes' lanes around shift. */
+static inline fastbn_moments fastbn_lanes_moments(const double *lanes, double shift,
+                                                  double cnt) {
+    return fastbn_group_moments(fastbn_tree8(lanes), fastbn_tree8(lanes + FASTBN_LANES), shift,
+                                cnt);
 }
 
 /* The sums held in fastbn_runs_grad_lanes' lanes. */
@@ -717,11 +724,7 @@ FASTBN_KERNEL fastbn_moments fastbn_run_moments_f32p(const float *FASTBN_RESTRIC
     double squares = fastbn_tree8(q) + fastbn_tree8(q + 8);
     if (!fastbn_f32p_moments_ok(total, squares, (double)n, 1.0 / (double)n))
         return fastbn_run_moments_f32(p, n);
-    fastbn_moments r;
-    r.mean = shift + total / (double)n;
-    squares -= total * (total / (double)n);
-    r.m2 = squares < 0 ? 0.0 : squares;
-    return r;
+    return fastbn_group_moments(total, squares, shift, (double)n);
 }
 
 /* Rows per sweep of the _f32p row reductions: the length of a float partial. Wide
