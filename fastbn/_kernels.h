@@ -606,9 +606,8 @@ FASTBN_DEFINE_KERNELS(double, f64)
  * precision; the summation order depends only on the data's shape and values,
  * never on the thread count.
  *
- * Reductions of products (the grad sums) stay in float64: their terms can cancel
- * (a gradient with a large common part, a running mean far from the batch) and
- * no cheap check bounds a float32 partial of dy * (x - c) against the result.
+ * The grad sums have float32 partials of their own (fastbn_runs_grad_lanes_f32p and
+ * fastbn_rows_grad_sums_f32p below), with a different error argument.
  */
 #define FASTBN_F32_PART 8
 #define FASTBN_F32_CANCEL 2.0
@@ -874,6 +873,227 @@ FASTBN_KERNEL void fastbn_rows_moments_f32p(const float *FASTBN_RESTRICT base, p
             su[j] += cnt * moved;
         }
     }
+}
+
+/*
+ * Grad sums of float32 input with float32 partials: sum dy, sum dy * (x - c) and
+ * sum (x - c), where c is a float value (the saved mean). Each float lane sums up
+ * to FASTBN_F32_PART terms, then the partial is added to float64 lanes, as the
+ * moments above do; the widened float64 kernels do twice the arithmetic, which is
+ * what limits these passes on data in the L2 or the L3.
+ *
+ * Precision. Each term (dy, dy * (x - c), x - c) rounds to float, and so does each
+ * partial: a sum is within FASTBN_F32_PART * 2**-24 of the sum of its terms'
+ * magnitudes, however much the terms cancel (a gradient with a large common part).
+ * Where x is within a factor of 2 of c (any large offset) x - c is exact and the
+ * roundings add up like a random walk: about 2**-24 * sqrt(n) average terms (the
+ * tests see up to 3.5 of them). Near 0, x - c rounds the same way for the values of
+ * one binade, so the error grows like n * 2**-25 of a term there. Either way the
+ * sums reach grad_input divided by n, so they add no more error than the grad_input
+ * pass has of its own (it rounds dy * k, a term's size times k, for every value);
+ * grad_weight = sum dy * (x - c) * invstd is within the same bound of the float64
+ * sum, where PyTorch's float32 running sums lose more the larger n is. Measured
+ * (tests/test_float32_partials.py): the grad sums of (8, 32, 16384) took 0.93x the
+ * time, of (2, 16, 2048) 0.70-0.86x, (8, 16, 784) 0.73-0.83x, (2048, 1024)
+ * 0.74-0.82x; planes under FASTBN_F32P_MIN_RUN values took 1.16x, so they keep the
+ * float64 lanes (alternating calls of two builds, 1 and 2 threads).
+ *
+ * Non-finite sums (NaN or inf in the data, or a product or partial past float's
+ * range where double would not be) are summed again by the float64 kernels.
+ * Products below float's normal range (|dy * (x - c)| < 1e-38) lose relative
+ * precision; they add at most 2**-150 each, which matters only where grad_input
+ * itself is that small.
+ */
+#ifdef FASTBN_VEC
+FASTBN_VINLINE fastbn_v8d fastbn_load8_f64(const double *p) {
+    fastbn_v8d v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+#define FASTBN_F32P_GRAD_RUN                                                                \
+    while (i < n16) {                                                                       \
+        ptrdiff_t end = n16 - i > 16 * FASTBN_F32_PART ? i + 16 * FASTBN_F32_PART : n16;    \
+        fastbn_v16f d = fastbn_load16_f32(dy + i), e = fastbn_load16_f32(x + i) - cf;       \
+        fastbn_v16f gf = d, pf = d * e, qf = e;                                             \
+        for (i += 16; i < end; i += 16) {                                                   \
+            d = fastbn_load16_f32(dy + i);                                                  \
+            e = fastbn_load16_f32(x + i) - cf;                                              \
+            gf += d;                                                                        \
+            pf += d * e;                                                                    \
+            qf += e;                                                                        \
+        }                                                                                   \
+        G += fastbn_lo8(gf);                                                                \
+        G += fastbn_hi8(gf);                                                                \
+        P += fastbn_lo8(pf);                                                                \
+        P += fastbn_hi8(pf);                                                                \
+        Q += fastbn_lo8(qf);                                                                \
+        Q += fastbn_hi8(qf);                                                                \
+    }
+#endif
+
+/* fastbn_runs_grad_lanes_f32 with float32 partials: the same lanes and contract
+   (fresh, run by run), for a float value `center`; runs' last n % 16 values go
+   into lane 0 in float64. The caller checks the totals (fastbn_gradsums_finite)
+   and sums again with fastbn_runs_grad_lanes_f32 where they are not finite. */
+FASTBN_KERNEL void fastbn_runs_grad_lanes_f32p(const float *FASTBN_RESTRICT dy0,
+        const float *FASTBN_RESTRICT x0, ptrdiff_t n, ptrdiff_t count, ptrdiff_t stride,
+        double center, double *FASTBN_RESTRICT lanes, int fresh) {
+    const float cf = (float)center;
+    const ptrdiff_t n16 = n - n % 16;
+    double *g = lanes, *p = lanes + FASTBN_LANES, *q = lanes + 2 * FASTBN_LANES;
+#ifdef FASTBN_VEC
+    fastbn_v8d G = {0, 0, 0, 0, 0, 0, 0, 0}, P = G, Q = G;
+    if (!fresh) {
+        G = fastbn_load8_f64(g);
+        P = fastbn_load8_f64(p);
+        Q = fastbn_load8_f64(q);
+    }
+    for (ptrdiff_t r = 0; r < count; r++) {
+        const float *FASTBN_RESTRICT dy = dy0 + r * stride;
+        const float *FASTBN_RESTRICT x = x0 + r * stride;
+        ptrdiff_t i = 0;
+        FASTBN_F32P_GRAD_RUN
+        for (; i < n; i++) {
+            double d = (double)dy[i], e = (double)x[i] - center;
+            G[0] += d;
+            P[0] += d * e;
+            Q[0] += e;
+        }
+    }
+    memcpy(g, &G, sizeof G);
+    memcpy(p, &P, sizeof P);
+    memcpy(q, &Q, sizeof Q);
+#else
+    /* the same order, lane by lane */
+    if (fresh)
+        memset(lanes, 0, FASTBN_GRAD_LANES * sizeof(double));
+    for (ptrdiff_t r = 0; r < count; r++) {
+        const float *FASTBN_RESTRICT dy = dy0 + r * stride;
+        const float *FASTBN_RESTRICT x = x0 + r * stride;
+        ptrdiff_t i = 0;
+        while (i < n16) {
+            ptrdiff_t end = n16 - i > 16 * FASTBN_F32_PART ? i + 16 * FASTBN_F32_PART : n16;
+            float gf[16], pf[16], qf[16];
+            for (int j = 0; j < 16; j++) {
+                float d = dy[i + j], e = x[i + j] - cf;
+                gf[j] = d;
+                pf[j] = d * e;
+                qf[j] = e;
+                for (ptrdiff_t k = i + 16 + j; k < end; k += 16) {
+                    d = dy[k];
+                    e = x[k] - cf;
+                    gf[j] += d;
+                    pf[j] += d * e;
+                    qf[j] += e;
+                }
+            }
+            for (int j = 0; j < 8; j++) {
+                g[j] += (double)gf[j];
+                g[j] += (double)gf[j + 8];
+                p[j] += (double)pf[j];
+                p[j] += (double)pf[j + 8];
+                q[j] += (double)qf[j];
+                q[j] += (double)qf[j + 8];
+            }
+            i = end;
+        }
+        for (; i < n; i++) {
+            double d = (double)dy[i], e = (double)x[i] - center;
+            g[0] += d;
+            p[0] += d * e;
+            q[0] += e;
+        }
+    }
+#endif
+}
+
+static inline int fastbn_finite3(double a, double b, double c) {
+    /* false for NaN and +-inf */
+    return (a - a == 0) & (b - b == 0) & (c - c == 0);
+}
+
+static inline int fastbn_gradsums_finite(fastbn_gradsums s) {
+    return fastbn_finite3(s.dy, s.dyx, s.x);
+}
+
+/* Column j of a row sweep of the grad sums below, scalar, in the vector form's order. */
+#define FASTBN_F32P_ROWS_GRAD_COLUMN(RB, j)                                                 \
+    {                                                                                       \
+        const float f = (float)center[j];                                                   \
+        float d = b0[j], e = a0[j] - f, gf = d, pf = d * e, qf = e;                         \
+        for (int k = 1; k < (RB); k++) {                                                    \
+            d = b0[j + k * w];                                                              \
+            e = a0[j + k * w] - f;                                                          \
+            gf += d;                                                                        \
+            pf += d * e;                                                                    \
+            qf += e;                                                                        \
+        }                                                                                   \
+        g[j] += (double)gf;                                                                 \
+        p[j] += (double)pf;                                                                 \
+        q[j] += (double)qf;                                                                 \
+    }
+#ifdef FASTBN_VEC
+#define FASTBN_F32P_ROWS_GRAD_SWEEP(RB)                                                     \
+    {                                                                                       \
+        ptrdiff_t j = 0;                                                                    \
+        for (; j + 16 <= w; j += 16) {                                                      \
+            const fastbn_v16f f = fastbn_load16_f64_as_f32(center + j);                     \
+            fastbn_v16f d = fastbn_load16_f32(b0 + j), e = fastbn_load16_f32(a0 + j) - f;   \
+            fastbn_v16f gf = d, pf = d * e, qf = e;                                         \
+            for (int k = 1; k < (RB); k++) {                                                \
+                d = fastbn_load16_f32(b0 + j + k * w);                                      \
+                e = fastbn_load16_f32(a0 + j + k * w) - f;                                  \
+                gf += d;                                                                    \
+                pf += d * e;                                                                \
+                qf += e;                                                                    \
+            }                                                                               \
+            fastbn_add_partial(g + j, gf);                                                  \
+            fastbn_add_partial(p + j, pf);                                                  \
+            fastbn_add_partial(q + j, qf);                                                  \
+        }                                                                                   \
+        for (; j < w; j++)                                                                  \
+            FASTBN_F32P_ROWS_GRAD_COLUMN(RB, j)                                             \
+    }
+#else
+#define FASTBN_F32P_ROWS_GRAD_SWEEP(RB)                                                     \
+    for (ptrdiff_t j = 0; j < w; j++)                                                       \
+        FASTBN_F32P_ROWS_GRAD_COLUMN(RB, j)
+#endif
+
+/* fastbn_rows_grad_sums_f32 with float32 partials (center[j] float values): sweeps
+   of FASTBN_F32P_ROWS(w) rows per partial, the rows left over in float64; a block
+   with a non-finite column is summed again by the float64 kernel. */
+FASTBN_KERNEL void fastbn_rows_grad_sums_f32p(const float *FASTBN_RESTRICT dy,
+        const float *FASTBN_RESTRICT x, ptrdiff_t w, ptrdiff_t r0, ptrdiff_t r1,
+        const double *FASTBN_RESTRICT center, double *FASTBN_RESTRICT out) {
+    double *FASTBN_RESTRICT g = out;
+    double *FASTBN_RESTRICT p = out + w;
+    double *FASTBN_RESTRICT q = out + 2 * w;
+    memset(out, 0, 3 * (size_t)w * sizeof(double));
+    ptrdiff_t r = r0, ahead = FASTBN_AHEAD(float, w) * w;
+    for (; r + 4 <= r1; r += 4) {
+        const float *FASTBN_RESTRICT a0 = x + r * w, *FASTBN_RESTRICT b0 = dy + r * w;
+        if (w * (ptrdiff_t)sizeof(float) < FASTBN_WIDE_ROW)
+            for (ptrdiff_t k = 0; k < 4 * w; k += FASTBN_LINE_VALUES(float)) {
+                FASTBN_PREFETCH(a0 + ahead + k);
+                FASTBN_PREFETCH(b0 + ahead + k);
+            }
+        FASTBN_F32P_ROWS_GRAD_SWEEP(4)
+    }
+    for (; r < r1; r++) {
+        const float *FASTBN_RESTRICT rdy = dy + r * w, *FASTBN_RESTRICT rx = x + r * w;
+        for (ptrdiff_t j = 0; j < w; j++) {
+            double d = (double)rdy[j], e = (double)rx[j] - center[j];
+            g[j] += d;
+            p[j] += d * e;
+            q[j] += e;
+        }
+    }
+    int finite = 1;
+    for (ptrdiff_t j = 0; j < w; j++)
+        finite &= fastbn_finite3(g[j], p[j], q[j]);
+    if (!finite)
+        fastbn_rows_grad_sums_f32(dy, x, w, r0, r1, center, out);
 }
 
 #endif /* FASTBN_KERNELS_H */

@@ -5,7 +5,9 @@ The slow reference beside them is the same library with the partials switched of
 input); both are checked against the float64 NumPy reference, on ordinary data at
 large offsets, on data built to round the worst way, and on the data the partials
 must hand back to float64 (a shift far from the mean, squares outside float32's
-range, NaN). The grad sums have no float32 partials (see _kernels.h).
+range, NaN). The backward's grad sums have float32 partials too (planes of >= 128
+values, blocks of >= 32 rows, a center that is a float value); the tests at the end
+hold them to the bound _kernels.h states and check their float64 fallbacks.
 """
 import numpy as np
 import pytest
@@ -237,3 +239,146 @@ def test_very_wide_rows_keep_blocks_of_32_rows(shape):
     C >= 8192 it did, and those blocks lost the partials): the bits differ from float64."""
     x = make(shape, np.float32, seed=27)
     assert not np.array_equal(_moments(x, True)[1], _moments(x, False)[1])
+
+
+# -- grad sums: sum dy, sum dy * (x - c), sum (x - c) --------------------------------
+
+def _grad_sums(gy, x, center, partials):
+    _cpu.set_float32_partials(partials)
+    try:
+        return np.stack(_cpu_backend.grad_sums(gy, x, center))
+    finally:
+        _cpu.set_float32_partials(True)
+
+
+def _float_center(x):
+    """The batch mean rounded to float32 (what backward passes: save_mean)."""
+    return ref.moments(x)[0].astype(np.float32).astype(np.float64)
+
+
+def _exact_sums(gy, x, center):
+    """The three sums in float64 and the sums of their terms' magnitudes."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    d = gy.astype(np.float64)
+    e = x.astype(np.float64) - center.reshape((1, -1) + (1,) * (x.ndim - 2))
+    terms = (d, d * e, e)
+    return (np.stack([t.sum(axis=axes) for t in terms]),
+            np.stack([np.abs(t).sum(axis=axes) for t in terms]))
+
+
+GRADIENTS = {"plain": (0.0, 1.0), "common part": (5.0, 1e-2)}
+
+
+@pytest.mark.parametrize("gradient", sorted(GRADIENTS))
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6])
+@pytest.mark.parametrize("shape,layout", SHAPES)
+def test_grad_sums_within_the_stated_bound(gradient, offset, shape, layout):
+    """Each sum within FASTBN_F32_PART * 2**-24 of the sum of its terms' magnitudes (the
+    worst case _kernels.h states); at large offsets, where x - c is exact, within
+    8 * 2**-24 * sqrt(n) average terms (a random walk of roundings: measured up to 3.5);
+    the float64 path is exact to 1e-13 of the magnitudes. The "common part" gradient
+    (5 + 0.01 * noise) makes sum dy * (x - c) cancel."""
+    common, noise = GRADIENTS[gradient]
+    x = make(shape, np.float32, offset=offset, seed=42, layout=layout)
+    gy = (common + noise * make(shape, np.float64, seed=43)).astype(np.float32)
+    gy = gy if layout == "contiguous" else make_like(gy, x)
+    center = _float_center(x)
+    want, size = _exact_sums(gy, x, center)
+    n = x.size // x.shape[1]
+    on = _grad_sums(gy, x, center, True)
+    off = _grad_sums(gy, x, center, False)
+    assert (np.abs(on - want) <= 8 * 2.0 ** -24 * size).all()
+    if offset:
+        assert (np.abs(on - want) <= 8 * 2.0 ** -24 * np.sqrt(n) * size / n).all()
+    assert (np.abs(off - want) <= 1e-13 * size).all()
+    assert not np.array_equal(on, off)          # the partials were used
+
+
+def make_like(values, x):
+    """``values`` (C order) laid out in memory as ``x`` is (channels-last here)."""
+    out = np.empty_like(x)
+    out[...] = values
+    return out
+
+
+@pytest.mark.parametrize("shape,layout", SHAPES)
+def test_backward_with_grad_partials_matches_float64_reference(shape, layout):
+    """The whole backward at offset 1e6 with a gradient that has a large common part:
+    grad_input within 1e-6 of max |dy * invstd| (the float32 rounding of the
+    elementwise pass is 6e-8 of it), grad_weight within the sums' bound, and grad_input
+    no further from the reference than the float64 path's plus that pass's rounding."""
+    x = make(shape, np.float32, offset=1e6, seed=44, layout=layout)
+    gy = make_like((5 + 1e-2 * make(shape, np.float64, seed=45)).astype(np.float32), x)
+    y, sm, si = fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
+    _, mean, var = ref.forward_train(x, None, None, 1e-5)
+    rgx, rgw, rgb = ref.backward(gy, x, None, mean, var, 1e-5, True)
+    scale = 5.0 / np.sqrt(var + 1e-5)
+    axes = (0,) + tuple(range(2, x.ndim))
+    results = {}
+    for partials in (True, False):
+        _cpu.set_float32_partials(partials)
+        try:
+            results[partials] = fastbn.batch_norm_backward(gy, x, None, None, None, sm, si,
+                                                           True, 1e-5)
+        finally:
+            _cpu.set_float32_partials(True)
+    err = {p: (np.abs(r[0] - rgx).max(axis=axes) / scale) for p, r in results.items()}
+    assert (err[True] <= 1e-6).all()
+    assert (err[True] <= err[False] + 2.0 ** -23).all()
+    size = np.abs(gy.astype(np.float64) * (x - mean.reshape((1, -1) + (1,) * (x.ndim - 2)))
+                  ).sum(axis=axes) / np.sqrt(var + 1e-5)
+    assert (np.abs(results[True][1] - rgw) <= 8 * 2.0 ** -24 * size + 1e-7 * np.abs(rgw)).all()
+    np.testing.assert_allclose(results[True][2], rgb, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,layout", SHAPES)
+def test_grad_products_past_float32_range_fall_back_to_float64(shape, layout):
+    """dy and x - c of 1e20: each product (1e40) overflows float32, not float64. The
+    kernels see the non-finite partial sums and sum again in float64: the same bits as
+    the float64 path, and finite."""
+    x = make_like((make(shape, np.float64, seed=46) * 1e20).astype(np.float32),
+                  make(shape, np.float32, layout=layout))
+    gy = make_like((make(shape, np.float64, seed=47) * 1e20).astype(np.float32), x)
+    center = _float_center(x)
+    on, off = _grad_sums(gy, x, center, True), _grad_sums(gy, x, center, False)
+    assert np.isfinite(on).all()
+    np.testing.assert_array_equal(on, off)
+
+
+@pytest.mark.parametrize("shape,layout", SHAPES)
+def test_grad_sums_with_nan_and_inf(shape, layout):
+    """NaN in dy of channel 0, inf in x of channel 1: their non-finite sums are what the
+    float64 path gives (a unit or block whose partial sums are not finite is summed
+    again in float64), their finite sums and the other channels' are within the bound."""
+    x = make(shape, np.float32, seed=48, layout=layout)
+    gy = make(shape, np.float32, seed=49, layout=layout)
+    gy[(1, 0) + (0,) * (x.ndim - 2)] = np.nan
+    x[(1, 1) + (0,) * (x.ndim - 2)] = np.inf
+    center = np.concatenate([[0.0, 0.0], _float_center(x[:, 2:])])
+    on, off = _grad_sums(gy, x, center, True), _grad_sums(gy, x, center, False)
+    finite = np.isfinite(off)
+    assert not finite[:, :2].all() and finite[:, 2:].all()
+    np.testing.assert_array_equal(np.isfinite(on), finite)
+    np.testing.assert_array_equal(on[~finite], off[~finite])
+    with np.errstate(invalid="ignore"):
+        want, size = _exact_sums(gy, x, center)
+        err = np.abs(on - want)
+    assert (err[finite] <= 8 * 2.0 ** -24 * size[finite]).all()
+
+
+def test_grad_partials_only_where_they_pay_and_are_exact():
+    """Planes under 128 values (a 7x7 layer), blocks under 32 rows, and a center that is
+    not a float value (SyncBatchNorm's float64 global mean) take the float64 kernels:
+    the same bits with the switch on or off."""
+    for shape in [(64, 8, 7, 7), (16, 1024)]:
+        x = make(shape, np.float32, seed=50)
+        gy = make(shape, np.float32, seed=51)
+        center = _float_center(x)
+        np.testing.assert_array_equal(_grad_sums(gy, x, center, True),
+                                      _grad_sums(gy, x, center, False))
+    for shape in [(8, 6, 24, 24), (4096, 8)]:
+        x = make(shape, np.float32, seed=52)
+        gy = make(shape, np.float32, seed=53)
+        center = ref.moments(x)[0] + 1e-12       # not a float value
+        np.testing.assert_array_equal(_grad_sums(gy, x, center, True),
+                                      _grad_sums(gy, x, center, False))
