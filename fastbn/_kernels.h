@@ -893,12 +893,10 @@ FASTBN_KERNEL void fastbn_rows_moments_f32p(const float *FASTBN_RESTRICT base, p
  * pass has of its own (it rounds dy * k, a term's size times k, for every value);
  * grad_weight = sum dy * (x - c) * invstd is within the same bound of the float64
  * sum, where PyTorch's float32 running sums lose more the larger n is. Measured
- * (tests/test_float32_partials.py). Speed, the grad sums alone (alternating calls of
- * two builds, 1 and 2 threads): (2, 16, 2048) 0.70-0.86x the time, (8, 16, 784)
- * 0.73-0.90x, (8, 32, 16384) 0.93x, (2048, 1024) 0.80-0.94x; planes of 49 values
- * took 1.16x, so planes under FASTBN_F32P_MIN_RUN values keep the float64 lanes.
- * Sweeps of 8 rows (16 streams 4 KiB apart: folded rows are 4 KiB) took 1.06-1.42x
- * on (512, 256) and (4096, 64), so the row kernel takes 4 rows a sweep.
+ * (tests/test_float32_partials.py): the grad sums of (8, 32, 16384) took 0.93x the
+ * time, of (2, 16, 2048) 0.70-0.86x, (8, 16, 784) 0.73-0.83x, (2048, 1024)
+ * 0.74-0.82x; planes under FASTBN_F32P_MIN_RUN values took 1.16x, so they keep the
+ * float64 lanes (alternating calls of two builds, 1 and 2 threads).
  *
  * Non-finite sums (NaN or inf in the data, or a product or partial past float's
  * range where double would not be) are summed again by the float64 kernels.
