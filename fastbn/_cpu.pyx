@@ -42,9 +42,7 @@ and variance of float32 input are summed in float32 partials of at most 8
 deviations first (the ``_f32p`` kernels of _kernels.h: half the arithmetic, which
 is what limits these passes on cached data), with a float64 fallback wherever a
 partial could lose precision; ``set_float32_partials(False)`` widens every value
-instead. The backward's grad sums of float32 input use float32 partials too, within
-2**-21 of the sum of their terms' magnitudes (see _kernels.h for why that is below
-what the grad_input pass rounds anyway), with a float64 fallback for non-finite sums.
+instead. The backward sums widen every value (their terms can cancel).
 Elementwise passes compute ``(x - hi) * scale + shift``, where ``hi`` is the
 float64 mean rounded to the input's type and the rounding left over is folded
 into ``shift`` in float64, so ``x - mean`` keeps full precision even when
@@ -165,10 +163,6 @@ cdef extern from "_kernels.h" nogil:
     void runs_grad_lanes_f64 "fastbn_runs_grad_lanes_f64"(const double*, const double*,
                                                           Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                                           double, double*, int)
-    void runs_grad_lanes_f32p "fastbn_runs_grad_lanes_f32p"(const float*, const float*,
-                                                            Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                                                            double, double*, int)
-    bint _sums_finite "fastbn_gradsums_finite"(GradSums)
     void planes_grad_input_f32 "fastbn_planes_grad_input_f32"(
         const float*, const float*, float*, Py_ssize_t, Py_ssize_t, const float*,
         const float*, const float*, const float*, int)
@@ -194,9 +188,6 @@ cdef extern from "_kernels.h" nogil:
     void rows_grad_sums_f64 "fastbn_rows_grad_sums_f64"(const double*, const double*,
                                                         Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                                         const double*, double*)
-    void rows_grad_sums_f32p "fastbn_rows_grad_sums_f32p"(const float*, const float*,
-                                                          Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                                                          const double*, double*)
     void rows_grad_input_f32 "fastbn_rows_grad_input_f32"(const float*, const float*, float*,
                                                           Py_ssize_t, const float*,
                                                           const float*, const float*,
@@ -366,28 +357,13 @@ cdef inline void _planes_affine(const floating* x, floating* y, Py_ssize_t s,
 
 cdef inline void _runs_grad_lanes(const floating* dy, const floating* x, Py_ssize_t s,
                                   Py_ssize_t count, Py_ssize_t stride, double center,
-                                  double* lanes, bint fresh, bint partials) noexcept nogil:
+                                  double* lanes, bint fresh) noexcept nogil:
     """Adds ``count`` runs of ``s`` values, ``stride`` apart, into ``lanes`` (GRAD_LANES
-    doubles), or stores their sums there when ``fresh``; ``partials``: in float32
-    partials (_grad_partials), whose sums the caller checks with _sums_finite."""
+    doubles), or stores their sums there when ``fresh``."""
     if floating is float:
-        if partials:
-            runs_grad_lanes_f32p(dy, x, s, count, stride, center, lanes, fresh)
-        else:
-            runs_grad_lanes_f32(dy, x, s, count, stride, center, lanes, fresh)
+        runs_grad_lanes_f32(dy, x, s, count, stride, center, lanes, fresh)
     else:
         runs_grad_lanes_f64(dy, x, s, count, stride, center, lanes, fresh)
-
-
-cdef inline bint _grad_partials(const floating* p, bint partials,
-                                double center) noexcept nogil:
-    """Whether float32 grad sums around ``center`` take float32 partials: the switch
-    (read once per call) is on and ``center`` is a float value (the partials subtract
-    it in float). ``p``: any pointer of the input's type, for the fused type."""
-    if floating is float:
-        return partials and <double> <float> center == center
-    else:
-        return False
 
 
 cdef inline void _planes_grad_input(const floating* dy, const floating* x, floating* gx,
@@ -467,20 +443,11 @@ cdef inline Moments _unit_moments(const floating[:, :, ::1] x, Py_ssize_t c, Py_
 cdef inline GradSums _unit_grad_sums(const floating[:, :, ::1] dy,
                                      const floating[:, :, ::1] x, Py_ssize_t c,
                                      Py_ssize_t n0, Py_ssize_t n1,
-                                     double center, bint partials) noexcept nogil:
-    """GradSums of channel c over images [n0, n1); non-finite float32-partial sums are
-    taken again in float64 (so NaN and overflow come out as the float64 kernels give them)."""
+                                     double center) noexcept nogil:
     cdef double lanes[GRAD_LANES]
-    cdef GradSums r
-    partials = _grad_partials(&x[0, 0, 0], partials, center)
     _runs_grad_lanes(&dy[n0, c, 0], &x[n0, c, 0], x.shape[2], n1 - n0,
-                     x.shape[1] * x.shape[2], center, lanes, True, partials)
-    r = _lanes_sums(lanes)
-    if partials and not _sums_finite(r):
-        _runs_grad_lanes(&dy[n0, c, 0], &x[n0, c, 0], x.shape[2], n1 - n0,
-                         x.shape[1] * x.shape[2], center, lanes, True, False)
-        r = _lanes_sums(lanes)
-    return r
+                     x.shape[1] * x.shape[2], center, lanes, True)
+    return _lanes_sums(lanes)
 
 
 cdef inline GradSums _add_sums(GradSums a, GradSums b) noexcept nogil:
@@ -522,15 +489,14 @@ cdef void _outer_moments(const floating[:, :, ::1] x, Moments* units, Moments* o
 
 cdef void _outer_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                            const double* center, GradSums* units, GradSums* out,
-                           bint partials, int num_threads) noexcept nogil:
+                           int num_threads) noexcept nogil:
     cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t groups = _n_groups(n_batch, s), q, g, c
     for q in prange(groups * n_chan, schedule="static", num_threads=num_threads):
         g = q // n_chan
         c = q % n_chan
         units[q] = _unit_grad_sums(dy, x, c, _group_start(g, n_batch, groups),
-                                   _group_start(g + 1, n_batch, groups), center[c],
-                                   partials)
+                                   _group_start(g + 1, n_batch, groups), center[c])
     for c in range(n_chan):
         out[c] = units[c]
         for g in range(1, groups):
@@ -574,28 +540,21 @@ cdef void _block_moments(const floating[:, :, ::1] x, Py_ssize_t c0, Py_ssize_t 
 
 cdef void _block_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                            const double* center, Py_ssize_t c0, Py_ssize_t c1,
-                           double* lanes, GradSums* chan, bint partials) noexcept nogil:
-    """GradSums of channels [c0, c1) into chan[c0:c1], as _unit_grad_sums does them;
-    ``lanes`` is scratch of GRAD_LANES doubles a channel (all C channels, this block
-    uses its own)."""
-    cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
+                           double* lanes, GradSums* chan) noexcept nogil:
+    """GradSums of channels [c0, c1) into chan[c0:c1]; ``lanes`` is scratch of
+    GRAD_LANES doubles a channel (all C channels, this block uses its own)."""
+    cdef Py_ssize_t n_batch = x.shape[0], s = x.shape[2]
     cdef Py_ssize_t groups = _n_groups(n_batch, s), g, n, n0, n1, c
     cdef GradSums unit
-    cdef bint part
     for g in range(groups):
         n0 = _group_start(g, n_batch, groups)
         n1 = _group_start(g + 1, n_batch, groups)
         for n in range(n0, n1):
             for c in range(c0, c1):
                 _runs_grad_lanes(&dy[n, c, 0], &x[n, c, 0], s, 1, 0, center[c],
-                                 lanes + c * GRAD_LANES, n == n0,
-                                 _grad_partials(&x[0, 0, 0], partials, center[c]))
+                                 lanes + c * GRAD_LANES, n == n0)
         for c in range(c0, c1):
             unit = _lanes_sums(lanes + c * GRAD_LANES)
-            if _grad_partials(&x[0, 0, 0], partials, center[c]) and not _sums_finite(unit):
-                _runs_grad_lanes(&dy[n0, c, 0], &x[n0, c, 0], s, n1 - n0, n_chan * s,
-                                 center[c], lanes + c * GRAD_LANES, True, False)
-                unit = _lanes_sums(lanes + c * GRAD_LANES)
             chan[c] = unit if g == 0 else _add_sums(chan[c], unit)
 
 
@@ -649,9 +608,9 @@ def set_float32_partials(bint on):
     """Sum float32 input in float32 partials (the default) or widen every value.
 
     For tests and tuning. The ``_f32p`` kernels of _kernels.h sum short runs of
-    deviations (and of the backward's grad terms) in float32 before adding them in
-    float64; with ``on`` false every float32 reduction uses the float64 kernels that
-    float64 input uses, the reference the partials are tested against.
+    deviations in float32 before adding them in float64; with ``on`` false every
+    float32 reduction uses the float64 kernels that float64 input uses, the
+    reference the partials are tested against.
     """
     global _f32_partials
     _f32_partials = on
@@ -886,9 +845,6 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                                            num_threads)
     cdef Py_ssize_t blocks = (n_chan + block - 1) // block if block else 0, kb, c1
     cdef bint nt = _streams(3 * planes * s * sizeof(floating), STREAM_OUTER)
-    # float32 partials for planes of F32P_MIN_RUN values or more: shorter ones (7x7)
-    # spend more on folding partials than they save
-    cdef bint partials = _f32_partials and s >= F32P_MIN_RUN
     zero.dy = 0
     zero.dyx = 0
     zero.x = 0
@@ -912,8 +868,7 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                         if c1 > n_chan:
                             c1 = n_chan
                         if need_sums:
-                            _block_grad_sums(dy, x, ctr, kb * block, c1, lanes, units,
-                                             partials)
+                            _block_grad_sums(dy, x, ctr, kb * block, c1, lanes, units)
                         for c in range(kb * block, c1):
                             _finish_backward(c, units[c] if need_sums else zero, ctr[c],
                                              invstd[c], count, training, w, gw, gb, hi, ak, mk,
@@ -926,8 +881,7 @@ def backward_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                         _stream_fence()
             else:
                 if need_sums:
-                    _outer_grad_sums(dy, x, ctr, units + n_chan, units, partials,
-                                     num_threads)
+                    _outer_grad_sums(dy, x, ctr, units + n_chan, units, num_threads)
                 for c in range(n_chan):
                     _finish_backward(c, units[c] if need_sums else zero, ctr[c], invstd[c],
                                      count, training, w, gw, gb, hi, ak, mk, k)
@@ -966,8 +920,7 @@ def grad_sums_outer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                                               * sizeof(GradSums))
     try:
         with nogil:
-            _outer_grad_sums(dy, x, &center[0], units + n_chan, units,
-                             _f32_partials and x.shape[2] >= F32P_MIN_RUN, num_threads)
+            _outer_grad_sums(dy, x, &center[0], units + n_chan, units, num_threads)
             for c in range(n_chan):
                 out[0, c] = units[c].dy
                 out[1, c] = units[c].dyx
@@ -1346,14 +1299,9 @@ def affine_inner(const floating[:, ::1] x, floating[:, ::1] y,
 
 cdef inline void _rows_grad_sums(const floating* dy, const floating* x, Py_ssize_t width,
                                  Py_ssize_t r0, Py_ssize_t r1, const double* center,
-                                 double* out, bint partials) noexcept nogil:
-    """``partials``: float32 partials (every center a float value, see _float_centers);
-    blocks of fewer than F32P_MIN_ROWS rows sum in float64, as _rows_moments does."""
+                                 double* out) noexcept nogil:
     if floating is float:
-        if partials and r1 - r0 >= F32P_MIN_ROWS:
-            rows_grad_sums_f32p(dy, x, width, r0, r1, center, out)
-        else:
-            rows_grad_sums_f32(dy, x, width, r0, r1, center, out)
+        rows_grad_sums_f32(dy, x, width, r0, r1, center, out)
     else:
         rows_grad_sums_f64(dy, x, width, r0, r1, center, out)
 
@@ -1380,35 +1328,22 @@ cdef inline GradSums _inner_channel_sums(Blocks bl, Py_ssize_t c, const double* 
 
 
 cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
-                           const double* ctr, double* part, GradSums* out, bint partials,
+                           const double* ctr, double* part, GradSums* out,
                            int num_threads) noexcept nogil:
-    """Per-channel GradSums of (M, C) arrays around ``ctr`` (the center tiled over P);
-    ``partials``: the switch, read once per call."""
+    """Per-channel GradSums of (M, C) arrays around ``ctr`` (the center tiled over P)."""
     cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width
     cdef Py_ssize_t off = bl.body_rows * width, blk, r0, c
-    partials = _float_centers(px, ctr, n_chan, partials)
     for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
         r0 = blk * bl.rows_per_block
-        _rows_grad_sums(pdy, px, width, r0, _block_end(bl, blk), ctr, &part[3 * blk * width],
-                        partials)
+        _rows_grad_sums(pdy, px, width, r0, _block_end(bl, blk), ctr, &part[3 * blk * width])
     if bl.tail > 0:
         _rows_grad_sums(pdy + off, px + off, n_chan, 0, bl.tail, ctr,
-                        &part[3 * bl.blocks * width], partials)
+                        &part[3 * bl.blocks * width])
     cdef double* totals = part + 3 * (bl.blocks + 1) * width
     for c in range(3):
         _sum_blocks(part + c * width, bl.blocks, 3 * width, width, totals + c * width)
     for c in range(n_chan):
         out[c] = _inner_channel_sums(bl, c, totals, part + 3 * bl.blocks * width)
-
-
-cdef inline bint _float_centers(const floating* p, const double* ctr, Py_ssize_t n_chan,
-                                bint partials) noexcept nogil:
-    """_grad_partials for every channel of a channel-inner call (one kernel per block)."""
-    cdef Py_ssize_t c
-    for c in range(n_chan):
-        if not _grad_partials(p, partials, ctr[c]):
-            return False
-    return True
 
 
 cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* pgx,
@@ -1476,8 +1411,7 @@ def backward_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
                 ctr[j] = center[j]
             _tile_f64(ctr, n_chan, width)
             if need_sums:
-                _inner_grad_sums(&dy[0, 0], &x[0, 0], bl, ctr, part, sums, _f32_partials,
-                                 num_threads)
+                _inner_grad_sums(&dy[0, 0], &x[0, 0], bl, ctr, part, sums, num_threads)
             else:
                 memset(sums, 0, n_chan * sizeof(GradSums))
             for c in range(n_chan):
@@ -1509,8 +1443,7 @@ def grad_sums_inner(const floating[:, ::1] dy, const floating[:, ::1] x,
             for j in range(n_chan):
                 ctr[j] = center[j]
             _tile_f64(ctr, n_chan, bl.width)
-            _inner_grad_sums(&dy[0, 0], &x[0, 0], bl, ctr, part, sums, _f32_partials,
-                             num_threads)
+            _inner_grad_sums(&dy[0, 0], &x[0, 0], bl, ctr, part, sums, num_threads)
             for c in range(n_chan):
                 out[0, c] = sums[c].dy
                 out[1, c] = sums[c].dyx
