@@ -93,8 +93,8 @@ def backward(gy, x, weight, mean, invstd, training, out=None, param_grads=True):
         gw = np.empty(n_chan, dtype)
         gb = np.empty(n_chan, dtype)
     _BACKWARD[p.kind](p.conform(np, gy), p.view, gx_view, _contig(weight),
-                      np.ascontiguousarray(mean, dtype), invstd.astype(np.float64), training,
-                      gw, gb, threads_for(x.size))
+                      np.ascontiguousarray(mean, dtype), np.ascontiguousarray(invstd, np.float64),
+                      training, gw, gb, threads_for(x.size))
     return gx, gw, gb
 
 

@@ -51,4 +51,7 @@ def threads_for(size):
 
     Results never depend on it (see ``fastbn/_cpu.pyx``), only the speed does.
     """
-    return max(1, min(get_num_threads(), size // MIN_VALUES_PER_THREAD))
+    n = size // MIN_VALUES_PER_THREAD
+    if n <= 1:
+        return 1     # the common small call, without the lookups below
+    return min(get_num_threads(), n)

@@ -66,6 +66,8 @@ def check_momentum(momentum, allow_none):
 
 
 def check_flag(value, name):
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {_type_name(value)} {value!r}")
     return bool(value)
@@ -142,9 +144,12 @@ def _device_hint(want):
 
 def check_same_device(reference, arrays, reference_name="input"):
     """All of ``arrays`` (name -> array or None) live where ``reference`` does."""
-    if type(reference) is np.ndarray and all(a is None or type(a) is np.ndarray
-                                             for a in arrays.values()):
-        return   # the common all-NumPy case, without the per-array checks below
+    if type(reference) is np.ndarray:
+        for a in arrays.values():
+            if a is not None and type(a) is not np.ndarray:
+                break
+        else:
+            return   # the common all-NumPy case, without the per-array checks below
     want = device_kind(reference)
     for name, a in arrays.items():
         if a is None:
