@@ -92,6 +92,12 @@ cdef Py_ssize_t FOLD_TARGET = 1024
 cdef Py_ssize_t F32P_MIN_ROWS = 32
 
 
+# SERIAL: calls given one thread (threads_for gives small inputs one) run their loops
+# without a parallel region. libgomp still starts and ends a team for a region of one
+# thread: about 0.7 us a region, 1.5-2 us of a small forward-train or backward call
+# (a (2, 16, 16) call took 3.5-4.1 us with OpenMP and 2.1 us built without it).
+
+
 def omp_max_threads():
     """Number of threads OpenMP would use by default (1 without OpenMP)."""
     return omp_get_max_threads()
@@ -475,16 +481,29 @@ cdef void _outer_moments(const floating[:, :, ::1] x, Moments* units, Moments* o
     """Per-channel moments via (group, channel) units, units in parallel (``per_run``:
     _per_run_moments)."""
     cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
-    cdef Py_ssize_t groups = _n_groups(n_batch, s), q, g, c
-    for q in prange(groups * n_chan, schedule="static", num_threads=num_threads):
-        g = q // n_chan
-        units[q] = _unit_moments(x, q % n_chan, _group_start(g, n_batch, groups),
-                                 _group_start(g + 1, n_batch, groups), per_run)
+    cdef Py_ssize_t groups = _n_groups(n_batch, s), q, c
+    if num_threads > 1:
+        for q in prange(groups * n_chan, schedule="static", num_threads=num_threads):
+            units[q] = _nth_unit_moments(x, q, groups, per_run)
+    else:
+        for q in range(groups * n_chan):     # no parallel region (see SERIAL)
+            units[q] = _nth_unit_moments(x, q, groups, per_run)
     # the merges run in parallel only when there are many (a parallel region costs more
     # than a few thousand merges)
-    for c in prange(n_chan, schedule="static",
-                    num_threads=num_threads if groups * n_chan > 4096 else 1):
-        out[c] = _merge_units(units, c, n_chan, n_batch, s)
+    if num_threads > 1 and groups * n_chan > 4096:
+        for c in prange(n_chan, schedule="static", num_threads=num_threads):
+            out[c] = _merge_units(units, c, n_chan, n_batch, s)
+    else:
+        for c in range(n_chan):
+            out[c] = _merge_units(units, c, n_chan, n_batch, s)
+
+
+cdef inline Moments _nth_unit_moments(const floating[:, :, ::1] x, Py_ssize_t q,
+                                      Py_ssize_t groups, bint per_run) noexcept nogil:
+    """Unit q of _outer_moments: batch group q // C, channel q % C."""
+    cdef Py_ssize_t n_chan = x.shape[1], g = q // n_chan
+    return _unit_moments(x, q % n_chan, _group_start(g, x.shape[0], groups),
+                         _group_start(g + 1, x.shape[0], groups), per_run)
 
 
 cdef void _outer_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -492,11 +511,12 @@ cdef void _outer_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::
                            int num_threads) noexcept nogil:
     cdef Py_ssize_t n_batch = x.shape[0], n_chan = x.shape[1], s = x.shape[2]
     cdef Py_ssize_t groups = _n_groups(n_batch, s), q, g, c
-    for q in prange(groups * n_chan, schedule="static", num_threads=num_threads):
-        g = q // n_chan
-        c = q % n_chan
-        units[q] = _unit_grad_sums(dy, x, c, _group_start(g, n_batch, groups),
-                                   _group_start(g + 1, n_batch, groups), center[c])
+    if num_threads > 1:
+        for q in prange(groups * n_chan, schedule="static", num_threads=num_threads):
+            units[q] = _nth_unit_grad_sums(dy, x, q, groups, center)
+    else:
+        for q in range(groups * n_chan):     # no parallel region (see SERIAL)
+            units[q] = _nth_unit_grad_sums(dy, x, q, groups, center)
     for c in range(n_chan):
         out[c] = units[c]
         for g in range(1, groups):
@@ -690,6 +710,15 @@ def channel_block(Py_ssize_t n_chan, Py_ssize_t channel_bytes, int num_threads):
     return _channel_block(n_chan, channel_bytes, num_threads)
 
 
+cdef inline GradSums _nth_unit_grad_sums(const floating[:, :, ::1] dy,
+                                         const floating[:, :, ::1] x, Py_ssize_t q,
+                                         Py_ssize_t groups, const double* center) noexcept nogil:
+    """Unit q of _outer_grad_sums: batch group q // C, channel q % C."""
+    cdef Py_ssize_t n_chan = x.shape[1], g = q // n_chan, c = q % n_chan
+    return _unit_grad_sums(dy, x, c, _group_start(g, x.shape[0], groups),
+                           _group_start(g + 1, x.shape[0], groups), center[c])
+
+
 cdef void _outer_planes(const floating* dy, const floating* x, floating* out,
                         Py_ssize_t n_batch, Py_ssize_t n_chan, Py_ssize_t s,
                         const floating* hi, const floating* a, const floating* b,
@@ -699,22 +728,34 @@ cdef void _outer_planes(const floating* dy, const floating* x, floating* out,
     ``out = (x - hi) * a + b`` (a: scale, b: shift); else grad_input with a = ak,
     b = mk and ``k``."""
     cdef Py_ssize_t cp = _plane_chunk(n_chan, s), per = (n_chan + cp - 1) // cp
-    cdef Py_ssize_t t, n, c0, c1, o
-    with parallel(num_threads=num_threads):
-        for t in prange(n_batch * per, schedule="static"):
-            n = t // per
-            c0 = (t - n * per) * cp
-            c1 = c0 + cp
-            if c1 > n_chan:
-                c1 = n_chan
-            o = (n * n_chan + c0) * s
-            if dy == NULL:
-                _planes_affine(x + o, out + o, s, c1 - c0, hi + c0, a + c0, b + c0, nt)
-            else:
-                _planes_grad_input(dy + o, x + o, out + o, s, c1 - c0, hi + c0, a + c0,
-                                   b + c0, k + c0, nt)
+    cdef Py_ssize_t t
+    if num_threads > 1:
+        with parallel(num_threads=num_threads):
+            for t in prange(n_batch * per, schedule="static"):
+                _plane_task(dy, x, out, t, per, cp, n_chan, s, hi, a, b, k, nt)
+            if nt:
+                _stream_fence()
+    else:
+        for t in range(n_batch * per):       # no parallel region (see SERIAL)
+            _plane_task(dy, x, out, t, per, cp, n_chan, s, hi, a, b, k, nt)
         if nt:
             _stream_fence()
+
+
+cdef inline void _plane_task(const floating* dy, const floating* x, floating* out,
+                             Py_ssize_t t, Py_ssize_t per, Py_ssize_t cp, Py_ssize_t n_chan,
+                             Py_ssize_t s, const floating* hi, const floating* a,
+                             const floating* b, const floating* k, bint nt) noexcept nogil:
+    """Task t of _outer_planes: planes [c0, c1) of image t // per."""
+    cdef Py_ssize_t n = t // per, c0 = (t - n * per) * cp, c1 = c0 + cp, o
+    if c1 > n_chan:
+        c1 = n_chan
+    o = (n * n_chan + c0) * s
+    if dy == NULL:
+        _planes_affine(x + o, out + o, s, c1 - c0, hi + c0, a + c0, b + c0, nt)
+    else:
+        _planes_grad_input(dy + o, x + o, out + o, s, c1 - c0, hi + c0, a + c0, b + c0,
+                           k + c0, nt)
 
 
 def forward_train_outer(const floating[:, :, ::1] x, floating[:, :, ::1] y,
@@ -1114,10 +1155,16 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
         _pilot_rows(base, width, n_chan, bl.body_rows, shift)
     else:
         _pilot_rows(tail, n_chan, n_chan, bl.tail, shift)
-    for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
-        r0 = blk * bl.rows_per_block
-        _rows_moments(base, width, r0, _block_end(bl, blk), &su[blk * width],
-                      &sq[blk * width], shift, &local[blk * width], partials)
+    if num_threads > 1:
+        for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
+            r0 = blk * bl.rows_per_block
+            _rows_moments(base, width, r0, _block_end(bl, blk), &su[blk * width],
+                          &sq[blk * width], shift, &local[blk * width], partials)
+    else:
+        for blk in range(bl.blocks):         # no parallel region (see SERIAL)
+            _rows_moments(base, width, blk * bl.rows_per_block, _block_end(bl, blk),
+                          &su[blk * width], &sq[blk * width], shift, &local[blk * width],
+                          partials)
     if bl.tail > 0:
         _rows_moments(tail, n_chan, 0, bl.tail, &su[bl.blocks * width],
                       &sq[bl.blocks * width], shift, &local[bl.blocks * width], partials)
@@ -1234,9 +1281,12 @@ cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floatin
             for r in prange(bl.body_rows, schedule="static"):
                 _rows_affine(x + r * width, y + r * width, width, hi, sc, sh, True)
             _stream_fence()
-    else:
+    elif num_threads > 1:
         # the plain loop: the parallel block measured ~8 us slower on the small stem rows
         for r in prange(bl.body_rows, schedule="static", num_threads=num_threads):
+            _rows_affine(x + r * width, y + r * width, width, hi, sc, sh, False)
+    else:
+        for r in range(bl.body_rows):        # no parallel region (see SERIAL)
             _rows_affine(x + r * width, y + r * width, width, hi, sc, sh, False)
     r = bl.body_rows * width
     _rows_affine(x + r, y + r, bl.tail * bl.n_chan, hi, sc, sh, nt)
@@ -1333,9 +1383,15 @@ cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
     """Per-channel GradSums of (M, C) arrays around ``ctr`` (the center tiled over P)."""
     cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width
     cdef Py_ssize_t off = bl.body_rows * width, blk, r0, c
-    for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
-        r0 = blk * bl.rows_per_block
-        _rows_grad_sums(pdy, px, width, r0, _block_end(bl, blk), ctr, &part[3 * blk * width])
+    if num_threads > 1:
+        for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
+            r0 = blk * bl.rows_per_block
+            _rows_grad_sums(pdy, px, width, r0, _block_end(bl, blk), ctr,
+                            &part[3 * blk * width])
+    else:
+        for blk in range(bl.blocks):         # no parallel region (see SERIAL)
+            _rows_grad_sums(pdy, px, width, blk * bl.rows_per_block, _block_end(bl, blk),
+                            ctr, &part[3 * blk * width])
     if bl.tail > 0:
         _rows_grad_sums(pdy + off, px + off, n_chan, 0, bl.tail, ctr,
                         &part[3 * bl.blocks * width])
@@ -1377,8 +1433,11 @@ cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* p
             for i in prange(bl.body_rows, schedule="static"):
                 _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, True)
             _stream_fence()
-    else:
+    elif num_threads > 1:
         for i in prange(bl.body_rows, schedule="static", num_threads=num_threads):
+            _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, False)
+    else:
+        for i in range(bl.body_rows):        # no parallel region (see SERIAL)
             _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, False)
     _rows_grad_input(pdy, px, pgx, bl.body_rows * width, bl.tail * bl.n_chan, hi, ak, mk, k,
                      nt)
