@@ -27,10 +27,24 @@ def _l3_bytes(path="/sys/devices/system/cpu/cpu0/cache/index3/size"):
 
 _cpu.set_l3_bytes(_l3_bytes())
 
-_TRAIN = {"outer": _cpu.forward_train_outer, "inner": _cpu.forward_train_inner}
-_EVAL = {"outer": _cpu.forward_eval_outer, "inner": _cpu.forward_eval_inner}
-_AFFINE = {"outer": _cpu.affine_outer, "inner": _cpu.affine_inner}
-_BACKWARD = {"outer": _cpu.backward_outer, "inner": _cpu.backward_inner}
+
+
+def _by_dtype(fused):
+    """A fused Cython kernel's float and double versions by NumPy dtype: calling the
+    version directly skips the fused function's dispatch on the arguments' types."""
+    return {np.dtype(np.float32): fused["float"], np.dtype(np.float64): fused["double"]}
+
+
+def _kernels(outer, inner):
+    """(layout, dtype) -> kernel."""
+    return {(kind, dtype): fn for kind, fused in (("outer", outer), ("inner", inner))
+            for dtype, fn in _by_dtype(fused).items()}
+
+
+_TRAIN = _kernels(_cpu.forward_train_outer, _cpu.forward_train_inner)
+_EVAL = _kernels(_cpu.forward_eval_outer, _cpu.forward_eval_inner)
+_AFFINE = _kernels(_cpu.affine_outer, _cpu.affine_inner)
+_BACKWARD = _kernels(_cpu.backward_outer, _cpu.backward_inner)
 
 
 def _contig(a):
@@ -51,7 +65,7 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out
     save_invstd = np.empty(p.shape[1], x.dtype)
     # strided running stats are updated through contiguous copies, written back after
     rm, rv = _contig(running_mean), _contig(running_var)
-    _TRAIN[p.kind](p.view, y_view, _contig(weight), _contig(bias), rm, rv, save_mean,
+    _TRAIN[p.kind, x.dtype](p.view, y_view, _contig(weight), _contig(bias), rm, rv, save_mean,
                    save_invstd, momentum, eps, threads_for(x.size))
     for staged, target in ((rm, running_mean), (rv, running_var)):
         if staged is not target:
@@ -70,7 +84,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, out=None):
     """
     p = _plan(np, x)
     y, y_view = p.output(np, x.dtype, out)
-    _EVAL[p.kind](p.view, y_view, _contig(weight), _contig(bias), _contig(running_mean),
+    _EVAL[p.kind, x.dtype](p.view, y_view, _contig(weight), _contig(bias), _contig(running_mean),
                   _contig(running_var), eps, threads_for(x.size))
     return y
 
@@ -92,7 +106,7 @@ def backward(gy, x, weight, mean, invstd, training, out=None, param_grads=True):
     if param_grads:
         gw = np.empty(n_chan, dtype)
         gb = np.empty(n_chan, dtype)
-    _BACKWARD[p.kind](p.conform(np, gy), p.view, gx_view, _contig(weight),
+    _BACKWARD[p.kind, dtype](p.conform(np, gy), p.view, gx_view, _contig(weight),
                       np.ascontiguousarray(mean, dtype), np.ascontiguousarray(invstd, np.float64),
                       training, gw, gb, threads_for(x.size))
     return gx, gw, gb
@@ -129,8 +143,8 @@ def normalize(x, mean, invstd, weight, bias):
         hi = np.where(near, 0.0, mean).astype(x.dtype)
         lo = np.where(near, mean, mean - hi)             # what x - hi leaves to the shift
         shift = 0.0 - lo * scale if bias is None else bias - lo * scale
-        _AFFINE[p.kind](p.view, y_view, hi, scale.astype(x.dtype), shift.astype(x.dtype),
-                        threads_for(x.size))
+        _AFFINE[p.kind, x.dtype](p.view, y_view, hi, scale.astype(x.dtype),
+                                 shift.astype(x.dtype), threads_for(x.size))
     return y
 
 

@@ -214,7 +214,9 @@ def check_channel_arrays(x, arrays):
 
 
 def check_writable(a, name):
-    if a is not None and not is_cupy_array(a) and not a.flags.writeable:
+    if a is None or (type(a) is np.ndarray and a.flags.writeable):
+        return
+    if not is_cupy_array(a) and not a.flags.writeable:
         raise ValueError(f"{name} is read-only but must be updated in place")
 
 
