@@ -42,9 +42,10 @@ class Plan:
             # transpose with explicit axes: the same view as moveaxis(out, -1, 1), ~20x cheaper
             back = (0, len(last) - 1) + tuple(range(1, len(last) - 1))
             return out.transpose(back), out.reshape(self.count, n_chan)
-        # allocated in the kernel's shape: one reshape (to the user's) instead of two
+        # allocated in the kernel's shape: one reshape (to the user's) instead of two,
+        # none for (N, C)
         out = _empty(xp, self.view.shape, dtype)
-        return out.reshape(shape), out
+        return (out if len(shape) == 2 else out.reshape(shape)), out
 
     def output(self, xp, dtype, out=None):
         """Like :meth:`empty_output`, but use ``out`` when its memory already suits the kernel.
@@ -94,8 +95,8 @@ def _empty(xp, shape, dtype):
     """
     dtype = xp.dtype(dtype)
     nbytes = prod(shape) * dtype.itemsize
-    if xp.__name__ != "numpy" or nbytes < ALIGN_FROM_BYTES:
-        return xp.empty(shape, dtype=dtype)
+    if nbytes < ALIGN_FROM_BYTES or xp.__name__ != "numpy":
+        return xp.empty(shape, dtype)
     raw = xp.empty(nbytes + 64, xp.uint8)
     start = -raw.ctypes.data % 64
     return raw[start:start + nbytes].view(dtype).reshape(shape)

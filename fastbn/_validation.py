@@ -197,19 +197,21 @@ def check_channel_array(a, name, num_channels, dtype):
     return a
 
 
-def check_channel_arrays(x, arrays):
-    """Per-channel arrays (name -> array or None) next to input ``x``: same device,
-    shape (C,), x's dtype. All-NumPy calls that pass take one quick loop."""
+def check_channel_arrays(x, names, arrays):
+    """Per-channel arrays (``arrays[i]`` named ``names[i]``, each an array or None) next
+    to input ``x``: same device, shape (C,), x's dtype. All-NumPy calls that pass take
+    one quick loop."""
     if type(x) is np.ndarray:
         shape, dtype = (x.shape[1],), x.dtype
-        for a in arrays.values():
+        for a in arrays:
             if a is not None and (type(a) is not np.ndarray or a.shape != shape
                                   or a.dtype is not dtype):
                 break
         else:
             return
-    check_same_device(x, arrays)
-    for name, a in arrays.items():
+    named = dict(zip(names, arrays))
+    check_same_device(x, named)
+    for name, a in named.items():
         check_channel_array(a, name, x.shape[1], x.dtype)
 
 

@@ -13,13 +13,15 @@ from ._stats import invstd_from_var
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
 
+_CHANNEL_ARRAYS = ("weight", "bias", "running_mean", "running_var")
+
+
 def _check_common(x, weight, bias, running_mean, running_var, training, eps):
     v.check_input(x)
     v.check_min_rank(x)
     training = v.check_flag(training, "training")
     eps = v.check_eps(eps, training)
-    v.check_channel_arrays(x, {"weight": weight, "bias": bias, "running_mean": running_mean,
-                               "running_var": running_var})
+    v.check_channel_arrays(x, _CHANNEL_ARRAYS, (weight, bias, running_mean, running_var))
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be arrays or both be None")
     if not training and running_mean is None:
@@ -101,7 +103,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
             x, weight, bias, running_mean, running_var, momentum, eps, out=direct)
         return _deliver(y, out), save_mean, save_invstd
     y = backend.forward_eval(x, weight, bias, running_mean, running_var, eps, out=direct)
-    return _deliver(y, out), xp.empty((0,), x.dtype), xp.empty((0,), x.dtype)
+    return _deliver(y, out), xp.empty(0, x.dtype), xp.empty(0, x.dtype)
 
 
 def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, save_invstd,
