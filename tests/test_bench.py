@@ -155,3 +155,29 @@ def test_summarize_and_plot_read_gpu_runs(tmp_path, capsys):
         png = tmp_path / (source.stem + ".png")
         plot.main(str(source), str(png))
         assert png.stat().st_size > 1000
+
+
+def test_small_calls_script_prints_every_row(capsys):
+    """benchmarks/small_calls.py (the README's small-call numbers) runs and prints one
+    row per case and mode, with positive times and the kernel column for functional rows."""
+    import importlib.util
+    import pathlib
+
+    torch = pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location(
+        "small_calls", pathlib.Path(__file__).parent.parent / "benchmarks" / "small_calls.py")
+    small_calls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(small_calls)
+    torch_threads = torch.get_num_threads()
+    try:
+        small_calls.main(["--number", "2", "--repeat", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(torch_threads)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:]]
+    assert len(rows) == 12
+    functional = [r for r in rows if r[0] == "functional"]
+    assert len(functional) == 9
+    for r in functional:
+        fast, kernel, ref = (float(v) for v in r[-5:-2])
+        assert fast > 0 and kernel > 0 and ref > 0 and r[-1] == "1"
