@@ -1268,9 +1268,9 @@ cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floatin
 
     ``eighths``: where streaming starts (see _streams).
     """
-    cdef Py_ssize_t width = bl.width, r
-    cdef bint nt = _streams(2 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating),
-                            eighths)
+    cdef Py_ssize_t total = bl.body_rows * bl.width + bl.tail * bl.n_chan, r
+    cdef Py_ssize_t width = bl.width, rows = bl.body_rows
+    cdef bint nt = _streams(2 * total * sizeof(floating), eighths)
     for r in range(width):
         if hi[r] != 0:
             break
@@ -1278,20 +1278,43 @@ cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floatin
         hi = NULL    # every channel takes the one multiply-add form
     if nt:
         with parallel(num_threads=num_threads):
-            for r in prange(bl.body_rows, schedule="static"):
+            for r in prange(rows, schedule="static"):
                 _rows_affine(x + r * width, y + r * width, width, hi, sc, sh, True)
             _stream_fence()
     elif num_threads > 1:
         # the plain loop: the parallel block measured ~8 us slower on the small stem rows
-        for r in prange(bl.body_rows, schedule="static", num_threads=num_threads):
+        for r in prange(rows, schedule="static", num_threads=num_threads):
             _rows_affine(x + r * width, y + r * width, width, hi, sc, sh, False)
     else:
-        for r in range(bl.body_rows):        # no parallel region (see SERIAL)
+        for r in range(rows):                # no parallel region (see SERIAL)
             _rows_affine(x + r * width, y + r * width, width, hi, sc, sh, False)
-    r = bl.body_rows * width
-    _rows_affine(x + r, y + r, bl.tail * bl.n_chan, hi, sc, sh, nt)
+    r = rows * width
+    _rows_affine(x + r, y + r, total - r, hi, sc, sh, nt)
     if nt:
         _stream_fence()
+
+
+# Rows of the channel-inner grad_input pass hold about GRAD_INPUT_ROW values, not the
+# FOLD_TARGET of the reductions: the pass keeps three or four tiled coefficient rows
+# in the L1 next to its dy, x and gx streams, and rows of 4 KiB (1024 floats) left too
+# little room for them. (100352, 64) float32 grad_input took 0.55-0.63x the time with
+# rows of 512 values instead of 1024 (256: 0.53-0.72x, 128 and 64: worse), and small
+# inputs no change (set in alternating rounds, 2 threads). The eval pass, with one
+# stream and one coefficient row less, showed no such gain and keeps the folded rows.
+cdef Py_ssize_t GRAD_INPUT_ROW = 512
+
+
+cdef inline Py_ssize_t _grad_input_width(Py_ssize_t n_chan) noexcept nogil:
+    """Row length of the channel-inner grad_input pass: the fewest whole channel rows
+    that make at least GRAD_INPUT_ROW values and a multiple of 16 (so at most the
+    folded row of _blocks, over which the callers tile the coefficients)."""
+    cdef Py_ssize_t step, g = n_chan, t = 16
+    if n_chan >= GRAD_INPUT_ROW:
+        return n_chan
+    while t:
+        g, t = t, g % t
+    step = 16 // g
+    return step * ((GRAD_INPUT_ROW + step * n_chan - 1) // (step * n_chan)) * n_chan
 
 
 cdef inline void _rows_affine(const floating* x, floating* y, Py_ssize_t n,
@@ -1409,13 +1432,13 @@ cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* p
 
     ``eighths``: where streaming starts (see _streams).
     """
-    cdef Py_ssize_t width = bl.width, i
+    cdef Py_ssize_t total = bl.body_rows * bl.width + bl.tail * bl.n_chan, i
+    cdef Py_ssize_t width = _grad_input_width(bl.n_chan), rows = total // width
     cdef const floating* hi = coef
-    cdef const floating* ak = coef + width
-    cdef const floating* mk = coef + 2 * width
-    cdef const floating* k = coef + 3 * width
-    cdef bint nt = _streams(3 * (bl.body_rows * width + bl.tail * bl.n_chan) * sizeof(floating),
-                            eighths)
+    cdef const floating* ak = coef + bl.width
+    cdef const floating* mk = coef + 2 * bl.width
+    cdef const floating* k = coef + 3 * bl.width
+    cdef bint nt = _streams(3 * total * sizeof(floating), eighths)
     for i in range(width):
         if hi[i] != 0 or ak[i] != 0 or mk[i] != 0:
             break
@@ -1430,17 +1453,16 @@ cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* p
         hi = NULL    # every channel takes the form without the subtraction
     if nt:
         with parallel(num_threads=num_threads):
-            for i in prange(bl.body_rows, schedule="static"):
+            for i in prange(rows, schedule="static"):
                 _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, True)
             _stream_fence()
     elif num_threads > 1:
-        for i in prange(bl.body_rows, schedule="static", num_threads=num_threads):
+        for i in prange(rows, schedule="static", num_threads=num_threads):
             _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, False)
     else:
-        for i in range(bl.body_rows):        # no parallel region (see SERIAL)
+        for i in range(rows):                # no parallel region (see SERIAL)
             _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, False)
-    _rows_grad_input(pdy, px, pgx, bl.body_rows * width, bl.tail * bl.n_chan, hi, ak, mk, k,
-                     nt)
+    _rows_grad_input(pdy, px, pgx, rows * width, total - rows * width, hi, ak, mk, k, nt)
     if nt:
         _stream_fence()
 

@@ -98,6 +98,23 @@ def test_layouts_match_reference(layout, shape, dtype):
         assert y.flags.c_contiguous and gx.flags.c_contiguous
 
 
+@pytest.mark.parametrize("shape,layout", [((1000, 6), "contiguous"), ((999, 64), "contiguous"),
+                                          ((37, 1000), "contiguous"),
+                                          ((3, 64, 7, 9), "channels_last")])
+def test_channel_inner_grad_input_rows_and_rest(shape, layout):
+    """The channel-inner grad_input pass takes rows of about 512 values (a multiple of C),
+    not the reductions' folded rows, and a rest of whole channel rows: every value of
+    grad_input gets its own channel's coefficients."""
+    x = make(shape, np.float64, offset=3.0, seed=14, layout=layout)
+    gy = make(shape, np.float64, seed=15, layout=layout)
+    w = np.linspace(0.5, 1.5, shape[1])
+    _, sm, si = fastbn.batch_norm_forward(x, w, None, None, None, True, 0.1, 1e-5)
+    gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, None, None, sm, si, True, 1e-5)
+    rgx, rgw, rgb = ref.backward(gy, x, w, *ref.moments(x), 1e-5, True)
+    np.testing.assert_allclose(gx, rgx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gw, rgw, rtol=1e-10, atol=1e-12)
+
+
 def test_channels_last_computed_without_copy(monkeypatch):
     """The channels-last input reaches the inner kernel as a view of the caller's memory."""
     from fastbn import _cpu_backend
