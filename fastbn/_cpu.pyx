@@ -13,7 +13,8 @@ see ``fastbn/_layout.py``):
   2-D ``(N, C)``). Rows are folded by a factor ``k`` into rows of ``P = k * C``
   values so that small ``C`` (the C = 3 image stem) still gives long, vectorisable
   inner loops; column ``j`` of a folded row belongs to channel ``j % C``. The unit
-  of work is a fixed-size block of folded rows.
+  of work is a fixed-size block of folded rows (the grad_input pass, which has no
+  partial sums to order, takes shorter rows, see GRAD_INPUT_ROW).
 
 Bytes moved. Channel-outer forward-train and backward have two schedules. The
 plane schedule reduces all planes in parallel, then makes the elementwise pass
