@@ -8,7 +8,9 @@ Times, in microseconds per call, the minimum over ``--repeat`` repeats of
 * the functional layer against the aten functions the main table compares with
   (``fastbn.batch_norm_forward`` / ``batch_norm_backward`` against
   ``torch.native_batch_norm`` / ``native_batch_norm_backward``), and the bare
-  kernel call under it (``fastbn._cpu``), which shows what the Python layer adds;
+  kernel call under it (the float/double version of the ``fastbn._cpu`` kernel
+  that the CPU backend calls, on prepared views and a reused output), which shows
+  what the Python layer adds;
 * the modules as a training loop calls them: ``fastbn.BatchNorm1d`` against
   ``torch.nn.BatchNorm1d`` (forward under ``no_grad``, forward and backward through
   autograd, eval forward).
@@ -26,9 +28,9 @@ def _min_us(fn, number, repeat):
     return 1e6 * min(timeit.repeat(fn, number=number, repeat=repeat)) / number
 
 
-def _functional_rows(shape, number, repeat, torch, threads):
+def _functional_rows(shape, number, repeat, torch):
     import fastbn
-    from fastbn import _cpu
+    from fastbn import _cpu_backend
     from fastbn._layout import plan
 
     rng = np.random.default_rng(0)
@@ -40,10 +42,8 @@ def _functional_rows(shape, number, repeat, torch, threads):
     y, sm, si = fastbn.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
     p = plan(np, x)
     view, out = p.view, np.empty_like(p.view)
-    kernels = {"outer": (_cpu.forward_train_outer, _cpu.forward_eval_outer,
-                         _cpu.backward_outer),
-               "inner": (_cpu.forward_train_inner, _cpu.forward_eval_inner,
-                         _cpu.backward_inner)}[p.kind]
+    key = (p.kind, x.dtype)
+    kernels = (_cpu_backend._TRAIN[key], _cpu_backend._EVAL[key], _cpu_backend._BACKWARD[key])
     gview = gy.reshape(view.shape)
     sm2, si2 = np.empty(c, np.float32), np.empty(c, np.float32)
     gw, gb, inv = np.empty(c, np.float32), np.empty(c, np.float32), si.astype(np.float64)
@@ -123,7 +123,7 @@ def main(argv=None):
           f"{'vs PyTorch':>10} {'threads':>7}")
     rows = []
     for shape in [(32, 128), (512, 256), (2, 16, 8, 16, 16)]:
-        rows.extend(_functional_rows(shape, args.number, args.repeat, torch, args.threads))
+        rows.extend(_functional_rows(shape, args.number, args.repeat, torch))
     rows.extend(_module_rows(args.number, args.repeat, torch))
     for case, mode, fast, kernel, ref, nt in rows:
         kernel_text = f"{kernel:8.1f}" if kernel is not None else f"{'':>8}"

@@ -93,10 +93,12 @@ cdef Py_ssize_t FOLD_TARGET = 1024
 cdef Py_ssize_t F32P_MIN_ROWS = 32
 
 
-# SERIAL: calls given one thread (threads_for gives small inputs one) run their loops
-# without a parallel region. libgomp still starts and ends a team for a region of one
-# thread: about 0.7 us a region, 1.5-2 us of a small forward-train or backward call
-# (a (2, 16, 16) call took 3.5-4.1 us with OpenMP and 2.1 us built without it).
+# SERIAL: calls given one thread (threads_for gives small inputs one) run their
+# reductions and plain elementwise loops without a parallel region. libgomp still
+# starts and ends a team for a region of one thread: about 0.7 us a region, 1.5-2 us
+# of a small forward-train or backward call (a (2, 16, 16) call took 3.5-4.1 us with
+# OpenMP and 2.1 us built without it). The streaming and channel-block paths, which
+# only large calls take, still open their region whatever the thread count.
 
 
 def omp_max_threads():
@@ -1299,23 +1301,30 @@ cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floatin
 # FOLD_TARGET of the reductions: the pass keeps three or four tiled coefficient rows
 # in the L1 next to its dy, x and gx streams, and rows of 4 KiB (1024 floats) left too
 # little room for them. (100352, 64) float32 grad_input took 0.55-0.63x the time with
-# rows of 512 values instead of 1024 (256: 0.53-0.72x, 128 and 64: worse), and small
-# inputs no change (set in alternating rounds, 2 threads). The eval pass, with one
-# stream and one coefficient row less, showed no such gain and keeps the folded rows.
+# rows of 512 values instead of 1024 (256: 0.53-0.72x, 128 and 64: worse; the row
+# length switched in alternating rounds, 2 threads), and 0.76x in an A/B of the two
+# builds ((25088, 64) 0.77x, (512, 256) 0.80x). The eval pass, with one stream and one
+# coefficient row less, showed no such gain and keeps the folded rows.
 cdef Py_ssize_t GRAD_INPUT_ROW = 512
 
 
-cdef inline Py_ssize_t _grad_input_width(Py_ssize_t n_chan) noexcept nogil:
+cdef inline Py_ssize_t _grad_input_width(Py_ssize_t n_chan, Py_ssize_t width) noexcept nogil:
     """Row length of the channel-inner grad_input pass: the fewest whole channel rows
-    that make at least GRAD_INPUT_ROW values and a multiple of 16 (so at most the
-    folded row of _blocks, over which the callers tile the coefficients)."""
-    cdef Py_ssize_t step, g = n_chan, t = 16
-    if n_chan >= GRAD_INPUT_ROW:
-        return n_chan
+    that make at least GRAD_INPUT_ROW values and a multiple of 16, or the folded row
+    of _blocks (``width``, over which the callers tile the coefficients) where that is
+    no longer. Odd C from 257 up needs 16 rows for a multiple of 16: it keeps the
+    folded row, as every C >= 1024 does (rows of C values)."""
+    cdef Py_ssize_t step, g = n_chan, t = 16, rows
     while t:
         g, t = t, g % t
     step = 16 // g
-    return step * ((GRAD_INPUT_ROW + step * n_chan - 1) // (step * n_chan)) * n_chan
+    rows = step * ((GRAD_INPUT_ROW + step * n_chan - 1) // (step * n_chan)) * n_chan
+    return rows if rows < width else width
+
+
+def grad_input_width(Py_ssize_t m, Py_ssize_t n_chan):
+    """Row length of the channel-inner grad_input pass for (m, n_chan) (for tests)."""
+    return _grad_input_width(n_chan, _blocks(m, n_chan).width)
 
 
 cdef inline void _rows_affine(const floating* x, floating* y, Py_ssize_t n,
@@ -1434,7 +1443,7 @@ cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* p
     ``eighths``: where streaming starts (see _streams).
     """
     cdef Py_ssize_t total = bl.body_rows * bl.width + bl.tail * bl.n_chan, i
-    cdef Py_ssize_t width = _grad_input_width(bl.n_chan), rows = total // width
+    cdef Py_ssize_t width = _grad_input_width(bl.n_chan, bl.width), rows = total // width
     cdef const floating* hi = coef
     cdef const floating* ak = coef + bl.width
     cdef const floating* mk = coef + 2 * bl.width

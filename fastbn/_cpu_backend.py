@@ -126,7 +126,7 @@ def moments(x):
     n_chan = p.shape[1]
     mean = np.zeros(n_chan)
     m2 = np.zeros(n_chan)
-    if p.count:
+    if x.size:      # not p.count: C = 0 has values per channel but no work
         _MOMENTS[p.kind](p.view, mean, m2, threads_for(x.size))
     return mean, m2, p.count
 
@@ -135,7 +135,7 @@ def normalize(x, mean, invstd, weight, bias):
     """``(x - mean) * invstd * weight + bias`` from float64 per-channel ``mean``/``invstd``."""
     p = _plan(np, x)
     y, y_view = p.empty_output(np, x.dtype)
-    if p.count:
+    if x.size:      # not p.count: C = 0 has values per channel but no work
         # the coefficients of the fused kernels' (x - hi) * scale + shift, with the
         # same float64 operations, so both give the same bits
         scale = invstd if weight is None else invstd * weight
@@ -152,7 +152,7 @@ def grad_sums(gy, x, center):
     """float64 ``(sum dy, sum dy * (x - center), sum (x - center))`` per channel."""
     p = _plan(np, x)
     out = np.zeros((3, p.shape[1]))
-    if p.count:
+    if x.size:      # not p.count: C = 0 has values per channel but no work
         _GRAD_SUMS[p.kind](p.conform(np, gy), p.view, np.ascontiguousarray(center, np.float64),
                            out, threads_for(x.size))
     return out[0], out[1], out[2]
@@ -166,7 +166,7 @@ def grad_input(gy, x, weight, mean, invstd, sum_dy, sum_dyx, count):
     """
     p = _plan(np, x)
     gx, gx_view = p.empty_output(np, x.dtype)
-    if p.count:
+    if x.size:      # not p.count: C = 0 has values per channel but no work
         # dy * k - ((x - hi) * ak + mk), as in the fused kernels (_finish_backward)
         slope = sum_dyx * invstd * invstd / count
         near = (slope == 0) | (np.abs(mean) * invstd <= _cpu.FMA_SAFE_LIMIT)

@@ -48,3 +48,17 @@ def test_empty_inputs():
     s = cpu.grad_sums(x, x, mean)
     assert all(v.shape == (3,) and not v.any() for v in s)
     assert cpu.grad_input(x, x, None, mean, mean, *s[:2], 5).shape == x.shape
+
+
+def test_building_blocks_with_no_channels():
+    """C = 0 (values per channel, but no channel): empty results, no kernel call (the
+    channel-inner blocking divided by C and killed the process)."""
+    from fastbn import _cpu_backend
+
+    x = np.zeros((2, 0), np.float32)
+    mean, m2, count = _cpu_backend.moments(x)
+    assert mean.shape == m2.shape == (0,) and count == 2
+    none = np.zeros(0)
+    assert _cpu_backend.normalize(x, none, none, None, None).shape == (2, 0)
+    assert all(s.shape == (0,) for s in _cpu_backend.grad_sums(x, x, none))
+    assert _cpu_backend.grad_input(x, x, None, none, none, none, none, 2).shape == (2, 0)

@@ -98,21 +98,47 @@ def test_layouts_match_reference(layout, shape, dtype):
         assert y.flags.c_contiguous and gx.flags.c_contiguous
 
 
+@pytest.mark.parametrize("m,c,width", [(1000, 6, 528), (999, 64, 512), (37, 768, 768),
+                                       (50, 600, 1200), (50, 511, 8176), (40, 1025, 1025)])
+def test_grad_input_row_width(m, c, width):
+    """The channel-inner grad_input pass takes the fewest whole channel rows that make 512
+    values and a multiple of 16, or the reductions' folded row where that is no longer."""
+    from fastbn import _cpu
+
+    assert _cpu.grad_input_width(m, c) == width
+
+
 @pytest.mark.parametrize("shape,layout", [((1000, 6), "contiguous"), ((999, 64), "contiguous"),
-                                          ((37, 1000), "contiguous"),
+                                          ((37, 1000), "contiguous"), ((41, 600), "contiguous"),
                                           ((3, 64, 7, 9), "channels_last")])
-def test_channel_inner_grad_input_rows_and_rest(shape, layout):
-    """The channel-inner grad_input pass takes rows of about 512 values (a multiple of C),
-    not the reductions' folded rows, and a rest of whole channel rows: every value of
-    grad_input gets its own channel's coefficients."""
-    x = make(shape, np.float64, offset=3.0, seed=14, layout=layout)
-    gy = make(shape, np.float64, seed=15, layout=layout)
-    w = np.linspace(0.5, 1.5, shape[1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+def test_channel_inner_grad_input_rows_and_rest(shape, layout, dtype, training, monkeypatch):
+    """Rows of the grad_input pass (test_grad_input_row_width) and a rest of whole channel
+    rows ((1000, 6): 11 rows of 528 and 12 of 6 values), on two threads: every value of
+    grad_input gets its own channel's coefficients, in training and in eval."""
+    from fastbn import _threads
+
+    monkeypatch.setattr(_threads, "MIN_VALUES_PER_THREAD", 1)
+    fastbn.set_num_threads(2)
+    x = make(shape, dtype, offset=3.0, seed=14, layout=layout)
+    gy = make(shape, dtype, seed=15, layout=layout)
+    w = np.linspace(0.5, 1.5, shape[1]).astype(dtype)
+    mean, var = ref.moments(x)
+    rm, rv = mean.astype(dtype) + 0.25, var.astype(dtype) * 2
     _, sm, si = fastbn.batch_norm_forward(x, w, None, None, None, True, 0.1, 1e-5)
-    gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, None, None, sm, si, True, 1e-5)
-    rgx, rgw, rgb = ref.backward(gy, x, w, *ref.moments(x), 1e-5, True)
-    np.testing.assert_allclose(gx, rgx, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gw, rgw, rtol=1e-10, atol=1e-12)
+    gx, gw, gb = fastbn.batch_norm_backward(gy, x, w, rm, rv, sm, si, training, 1e-5)
+    if training:
+        rgx, rgw, rgb = ref.backward(gy, x, w, mean, var, 1e-5, True)
+    else:
+        rgx, rgw, rgb = ref.backward(gy, x, w, rm.astype(np.float64), rv.astype(np.float64),
+                                     1e-5, False)
+    # relative to |gy| * invstd * w, the size of a grad_input term (training's gx can be
+    # near 0 where the terms cancel)
+    scale = np.abs(np.asarray(gy, np.float64)).max() * 1.5 / np.sqrt(var.min() + 1e-5)
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    assert np.abs(gx - rgx).max() <= tol * scale
+    np.testing.assert_allclose(gw, rgw, rtol=tol * 10, atol=tol * scale * shape[0])
 
 
 def test_channels_last_computed_without_copy(monkeypatch):

@@ -49,8 +49,8 @@ def _outputs(x, gy, shift):
 
 
 # channel-outer plane runs of 700 and 2053 values are above FASTBN_STREAM_MIN_RUN
-# (512 bytes), 49 below; channel-inner rows are folded to about 1024 values, and
-# (3001, 5) leaves a tail of rows after its folded body
+# (512 bytes), 49 below; channel-inner rows are folded to about 1024 values (about 512
+# in the grad_input pass), and (3001, 5) leaves a tail of rows after its folded body
 @pytest.mark.parametrize("shape,layout", [((3, 4, 700), "contiguous"),
                                           ((2, 3, 2053), "contiguous"),
                                           ((5, 4, 49), "contiguous"),
