@@ -1145,7 +1145,7 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
     block's own mean, or in float64) where it is too large (see _kernels.h).
     """
     cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width
-    cdef Py_ssize_t groups = bl.blocks + 1, blk, r0, c, j
+    cdef Py_ssize_t groups = bl.blocks + 1, blk, c
     cdef double* shift = scratch
     cdef double* su = scratch + width
     cdef double* sq = su + groups * width
@@ -1160,9 +1160,9 @@ cdef void _inner_moments(const floating* base, Blocks bl, double* scratch, doubl
         _pilot_rows(tail, n_chan, n_chan, bl.tail, shift)
     if num_threads > 1:
         for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
-            r0 = blk * bl.rows_per_block
-            _rows_moments(base, width, r0, _block_end(bl, blk), &su[blk * width],
-                          &sq[blk * width], shift, &local[blk * width], partials)
+            _rows_moments(base, width, blk * bl.rows_per_block, _block_end(bl, blk),
+                          &su[blk * width], &sq[blk * width], shift, &local[blk * width],
+                          partials)
     else:
         for blk in range(bl.blocks):         # no parallel region (see SERIAL)
             _rows_moments(base, width, blk * bl.rows_per_block, _block_end(bl, blk),
@@ -1279,22 +1279,44 @@ cdef void _inner_affine(const floating* x, floating* y, Blocks bl, const floatin
             break
     else:
         hi = NULL    # every channel takes the one multiply-add form
-    if nt:
-        with parallel(num_threads=num_threads):
-            for r in prange(rows, schedule="static"):
-                _rows_affine(x + r * width, y + r * width, width, hi, sc, sh, True)
-            _stream_fence()
-    elif num_threads > 1:
-        # the plain loop: the parallel block measured ~8 us slower on the small stem rows
-        for r in prange(rows, schedule="static", num_threads=num_threads):
-            _rows_affine(x + r * width, y + r * width, width, hi, sc, sh, False)
-    else:
-        for r in range(rows):                # no parallel region (see SERIAL)
-            _rows_affine(x + r * width, y + r * width, width, hi, sc, sh, False)
+    _inner_rows(<const floating*> NULL, x, y, width, rows, hi, sc, sh,
+                <const floating*> NULL, nt, num_threads)
     r = rows * width
     _rows_affine(x + r, y + r, total - r, hi, sc, sh, nt)
     if nt:
         _stream_fence()
+
+
+cdef void _inner_rows(const floating* dy, const floating* x, floating* out,
+                      Py_ssize_t width, Py_ssize_t rows, const floating* hi,
+                      const floating* a, const floating* b, const floating* k, bint nt,
+                      int num_threads) noexcept nogil:
+    """Row loop of the channel-inner elementwise passes over ``rows`` rows of ``width``
+    values (coefficients tiled over a row): ``dy`` NULL: ``out = (x - hi) * a + b``,
+    else grad_input with a = ak, b = mk and ``k`` (as _outer_planes for channel-outer)."""
+    cdef Py_ssize_t r
+    if nt:
+        with parallel(num_threads=num_threads):
+            for r in prange(rows, schedule="static"):
+                _inner_row(dy, x, out, r * width, width, hi, a, b, k, True)
+            _stream_fence()
+    elif num_threads > 1:
+        # the plain loop: the parallel block measured ~8 us slower on the small stem rows
+        for r in prange(rows, schedule="static", num_threads=num_threads):
+            _inner_row(dy, x, out, r * width, width, hi, a, b, k, False)
+    else:
+        for r in range(rows):                # no parallel region (see SERIAL)
+            _inner_row(dy, x, out, r * width, width, hi, a, b, k, False)
+
+
+cdef inline void _inner_row(const floating* dy, const floating* x, floating* out,
+                            Py_ssize_t off, Py_ssize_t n, const floating* hi,
+                            const floating* a, const floating* b, const floating* k,
+                            bint nt) noexcept nogil:
+    if dy == NULL:
+        _rows_affine(x + off, out + off, n, hi, a, b, nt)
+    else:
+        _rows_grad_input(dy, x, out, off, n, hi, a, b, k, nt)
 
 
 # Rows of the channel-inner grad_input pass hold about GRAD_INPUT_ROW values, not the
@@ -1415,12 +1437,11 @@ cdef void _inner_grad_sums(const floating* pdy, const floating* px, Blocks bl,
                            int num_threads) noexcept nogil:
     """Per-channel GradSums of (M, C) arrays around ``ctr`` (the center tiled over P)."""
     cdef Py_ssize_t n_chan = bl.n_chan, width = bl.width
-    cdef Py_ssize_t off = bl.body_rows * width, blk, r0, c
+    cdef Py_ssize_t off = bl.body_rows * width, blk, c
     if num_threads > 1:
         for blk in prange(bl.blocks, schedule="static", num_threads=num_threads):
-            r0 = blk * bl.rows_per_block
-            _rows_grad_sums(pdy, px, width, r0, _block_end(bl, blk), ctr,
-                            &part[3 * blk * width])
+            _rows_grad_sums(pdy, px, width, blk * bl.rows_per_block, _block_end(bl, blk),
+                            ctr, &part[3 * blk * width])
     else:
         for blk in range(bl.blocks):         # no parallel region (see SERIAL)
             _rows_grad_sums(pdy, px, width, blk * bl.rows_per_block, _block_end(bl, blk),
@@ -1461,17 +1482,7 @@ cdef void _inner_grad_input(const floating* pdy, const floating* px, floating* p
             break
     else:
         hi = NULL    # every channel takes the form without the subtraction
-    if nt:
-        with parallel(num_threads=num_threads):
-            for i in prange(rows, schedule="static"):
-                _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, True)
-            _stream_fence()
-    elif num_threads > 1:
-        for i in prange(rows, schedule="static", num_threads=num_threads):
-            _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, False)
-    else:
-        for i in range(rows):                # no parallel region (see SERIAL)
-            _rows_grad_input(pdy, px, pgx, i * width, width, hi, ak, mk, k, False)
+    _inner_rows(pdy, px, pgx, width, rows, hi, ak, mk, k, nt, num_threads)
     _rows_grad_input(pdy, px, pgx, rows * width, total - rows * width, hi, ak, mk, k, nt)
     if nt:
         _stream_fence()

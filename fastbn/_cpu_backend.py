@@ -28,7 +28,6 @@ def _l3_bytes(path="/sys/devices/system/cpu/cpu0/cache/index3/size"):
 _cpu.set_l3_bytes(_l3_bytes())
 
 
-
 def _by_dtype(fused):
     """A fused Cython kernel's float and double versions by NumPy dtype: calling the
     version directly skips the fused function's dispatch on the arguments' types."""
@@ -65,8 +64,8 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out
     save_invstd = np.empty(p.shape[1], x.dtype)
     # strided running stats are updated through contiguous copies, written back after
     rm, rv = _contig(running_mean), _contig(running_var)
-    _TRAIN[p.kind, x.dtype](p.view, y_view, _contig(weight), _contig(bias), rm, rv, save_mean,
-                   save_invstd, momentum, eps, threads_for(x.size))
+    _TRAIN[p.kind, x.dtype](p.view, y_view, _contig(weight), _contig(bias), rm, rv,
+                            save_mean, save_invstd, momentum, eps, threads_for(x.size))
     for staged, target in ((rm, running_mean), (rv, running_var)):
         if staged is not target:
             target[...] = staged
@@ -84,8 +83,9 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, out=None):
     """
     p = _plan(np, x)
     y, y_view = p.output(np, x.dtype, out)
-    _EVAL[p.kind, x.dtype](p.view, y_view, _contig(weight), _contig(bias), _contig(running_mean),
-                  _contig(running_var), eps, threads_for(x.size))
+    _EVAL[p.kind, x.dtype](p.view, y_view, _contig(weight), _contig(bias),
+                           _contig(running_mean), _contig(running_var), eps,
+                           threads_for(x.size))
     return y
 
 
@@ -107,17 +107,18 @@ def backward(gy, x, weight, mean, invstd, training, out=None, param_grads=True):
         gw = np.empty(n_chan, dtype)
         gb = np.empty(n_chan, dtype)
     _BACKWARD[p.kind, dtype](p.conform(np, gy), p.view, gx_view, _contig(weight),
-                      np.ascontiguousarray(mean, dtype), np.ascontiguousarray(invstd, np.float64),
-                      training, gw, gb, threads_for(x.size))
+                             np.ascontiguousarray(mean, dtype),
+                             np.ascontiguousarray(invstd, np.float64), training, gw, gb,
+                             threads_for(x.size))
     return gx, gw, gb
 
 
 # -- building blocks for callers that combine statistics across processes -------------
 # (SyncBatchNorm): the fused functions above are these steps in one kernel call.
 
-_MOMENTS = {"outer": _cpu.moments_outer, "inner": _cpu.moments_inner}
-_GRAD_SUMS = {"outer": _cpu.grad_sums_outer, "inner": _cpu.grad_sums_inner}
-_GRAD_INPUT = {"outer": _cpu.grad_input_outer, "inner": _cpu.grad_input_inner}
+_MOMENTS = _kernels(_cpu.moments_outer, _cpu.moments_inner)
+_GRAD_SUMS = _kernels(_cpu.grad_sums_outer, _cpu.grad_sums_inner)
+_GRAD_INPUT = _kernels(_cpu.grad_input_outer, _cpu.grad_input_inner)
 
 
 def moments(x):
@@ -127,7 +128,7 @@ def moments(x):
     mean = np.zeros(n_chan)
     m2 = np.zeros(n_chan)
     if x.size:      # not p.count: C = 0 has values per channel but no work
-        _MOMENTS[p.kind](p.view, mean, m2, threads_for(x.size))
+        _MOMENTS[p.kind, x.dtype](p.view, mean, m2, threads_for(x.size))
     return mean, m2, p.count
 
 
@@ -153,8 +154,9 @@ def grad_sums(gy, x, center):
     p = _plan(np, x)
     out = np.zeros((3, p.shape[1]))
     if x.size:      # not p.count: C = 0 has values per channel but no work
-        _GRAD_SUMS[p.kind](p.conform(np, gy), p.view, np.ascontiguousarray(center, np.float64),
-                           out, threads_for(x.size))
+        _GRAD_SUMS[p.kind, x.dtype](p.conform(np, gy), p.view,
+                                    np.ascontiguousarray(center, np.float64), out,
+                                    threads_for(x.size))
     return out[0], out[1], out[2]
 
 
@@ -177,5 +179,6 @@ def grad_input(gy, x, weight, mean, invstd, sum_dy, sum_dyx, count):
         coef[1] = slope * scale
         coef[2] = (sum_dy / count - (mean - hi) * slope) * scale
         coef[3] = scale
-        _GRAD_INPUT[p.kind](p.conform(np, gy), p.view, gx_view, coef, threads_for(x.size))
+        _GRAD_INPUT[p.kind, x.dtype](p.conform(np, gy), p.view, gx_view, coef,
+                                     threads_for(x.size))
     return gx

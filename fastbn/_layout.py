@@ -28,14 +28,14 @@ class Plan:
         self.count = count        # values per channel (N * S)
         self.spatial = spatial    # S = prod(shape[2:])
 
-    def _channels_last(self):
+    def _keeps_channels_last(self):
         """Whether outputs are channels-last memory (NHWC) seen in the user's shape."""
         return self.kind == "inner" and len(self.shape) > 2 and self.spatial > 1
 
     def empty_output(self, xp, dtype):
         """Allocate an output in the same memory layout; return (user_array, kernel_view)."""
         shape = self.shape
-        if self._channels_last():
+        if self._keeps_channels_last():
             n_chan = shape[1]
             last = (shape[0],) + tuple(shape[2:]) + (n_chan,)
             out = _empty(xp, last, dtype)
@@ -58,7 +58,7 @@ class Plan:
         return self.empty_output(xp, dtype)
 
     def _suits(self, a):
-        if self._channels_last():
+        if self._keeps_channels_last():
             return _channels_last(a)
         return a.flags.c_contiguous
 
@@ -67,7 +67,7 @@ class Plan:
         n_chan = self.shape[1]
         if self.kind == "outer":
             return a.reshape(self.shape[0], n_chan, self.spatial)
-        if self._channels_last():
+        if self._keeps_channels_last():
             a = a.transpose((0,) + tuple(range(2, a.ndim)) + (1,))
         return a.reshape(self.count, n_chan)
 
@@ -76,7 +76,7 @@ class Plan:
         n_chan = self.shape[1]
         if self.kind == "outer":
             return xp.ascontiguousarray(a).reshape(self.shape[0], n_chan, self.spatial)
-        if self._channels_last():
+        if self._keeps_channels_last():
             a = a.transpose((0,) + tuple(range(2, a.ndim)) + (1,))
         return xp.ascontiguousarray(a).reshape(self.count, n_chan)
 

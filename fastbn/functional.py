@@ -30,13 +30,13 @@ def _check_common(x, weight, bias, running_mean, running_var, training, eps):
 
 
 def _direct_out(xp, out, *inputs):
-    """``out`` (not None) when the kernel may write into it directly, else None.
+    """``out`` when the kernel may write into it directly, else None.
 
     Overlap with an input would let the kernel read values it already wrote (and
     breaks the kernels' no-aliasing assumption), so such calls go through a
     temporary that is copied into ``out`` at the end.
     """
-    if any(a is not None and xp.may_share_memory(out, a) for a in inputs):
+    if out is None or any(a is not None and xp.may_share_memory(out, a) for a in inputs):
         return None
     return out
 
@@ -96,8 +96,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
     if x.size == 0:
         empty = xp.empty((0,), x.dtype)
         return _deliver(xp.empty(x.shape, x.dtype), out), empty, empty.copy()
-    direct = None if out is None else _direct_out(xp, out, x, weight, bias, running_mean,
-                                                  running_var)
+    direct = _direct_out(xp, out, x, weight, bias, running_mean, running_var)
     if training:
         y, save_mean, save_invstd = backend.forward_train(
             x, weight, bias, running_mean, running_var, momentum, eps, out=direct)
@@ -167,7 +166,7 @@ def batch_norm_backward(gy, x, weight, running_mean, running_var, save_mean, sav
     else:
         mean = running_mean
         invstd = invstd_from_var(xp, running_var.astype(xp.float64), eps)
-    direct = None if out is None else _direct_out(xp, out, gy, x, weight, mean, invstd)
+    direct = _direct_out(xp, out, gy, x, weight, mean, invstd)
     gx, gw, gb = backend.backward(gy, x, weight, mean, invstd, training, out=direct,
                                   param_grads=param_grads)
     return _deliver(gx, out), gw, gb
