@@ -84,7 +84,9 @@ fi
 
 # -- tests ------------------------------------------------------------------------------
 say "running the GPU tests (timeout ${TEST_TIMEOUT}s)"
-FASTBN_REQUIRE_GPU=1 timeout "$TEST_TIMEOUT" \
+# CUDA_CACHE_DISABLE: a cached NVRTC compilation logs no ptxas statistics, which
+# test_gpu_compile.py reads (the test sets it too; this covers an earlier load).
+CUDA_CACHE_DISABLE=1 FASTBN_REQUIRE_GPU=1 timeout "$TEST_TIMEOUT" \
     "$PY" -m pytest tests/test_gpu_compile.py tests/test_gpu.py -q -rs -p no:cacheprovider \
     --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt"
 TEST_RC=${PIPESTATUS[0]}

@@ -159,7 +159,8 @@ def _fastbn_call(fastbn, mode, xs, gys, saved, w, b, rm, rv):
 
 def _torch_call(torch, mode, xs, gys, w, b, rm, rv):
     tx = [torch.as_tensor(x, device="cuda") for x in xs]
-    tgy = [torch.as_tensor(g, device="cuda") for g in gys]
+    # Forward modes have no gradients (gys holds None).
+    tgy = [torch.as_tensor(g, device="cuda") for g in gys if g is not None]
     tw, tb = torch.as_tensor(w, device="cuda"), torch.as_tensor(b, device="cuda")
     trm, trv = torch.as_tensor(rm.copy(), device="cuda"), torch.as_tensor(rv.copy(), device="cuda")
     k = len(xs)
