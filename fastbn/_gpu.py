@@ -37,12 +37,14 @@ if int(cupy.__version__.split(".")[0]) < MIN_CUPY_MAJOR:
 NVRTC_OPTIONS = ("--std=c++17",)
 
 THREADS = 256            # threads per block, as in the .cu file
-UNROLL = 4               # loads in flight per thread, as in the .cu file
+UNROLL = 4               # loads in flight per thread of the elementwise kernels (.cu)
 TARGET_BLOCKS = 2048     # reduction blocks per call: two waves of 8 blocks/SM on 132 SMs
 MAX_SPLIT = 1024         # blocks per channel at most (bounds the finalize work)
 MIN_OUTER_UNITS = 2048   # vector units per outer reduction block at least
 MIN_INNER_ROWS = 256     # rows per inner reduction block at least (partials stay ~1%)
-INNER_TX = 8             # vector columns per inner block: 8 x 16 B = one 128 B line
+INNER_TX = 16            # vector columns per inner block: 16 x 16 B, 64 float channels
+# (INNER_TX = 8 took 44.1 us on an H100 for a (32, 64, 56, 56) NHWC float32 forward-train,
+# 16 took 39.5 us; backward 57.9 -> 53.9 us; 2026-11-28, benchmarks/gpu_profile.py --sweep)
 BLOCKS_PER_SM = 8        # elementwise grids: one full wave of 256-thread blocks
 
 _REDUCTIONS = ("stats_outer", "stats_inner", "grad_sums_outer", "grad_sums_inner")
@@ -52,6 +54,7 @@ _UNTYPED = ("finalize_partials",)        # per channel, double in and out: no te
 _CTYPES = {np.dtype(np.float32): ("float", 4), np.dtype(np.float64): ("double", 2)}
 
 
+@functools.lru_cache(maxsize=512)
 def kernel_name(kernel, dtype=None, vec=None, aligned=None, center=None):
     """The name expression of one template instantiation, e.g. ``fastbn::x<float, 4, true>``.
 
@@ -170,52 +173,71 @@ def inner_split(m, c_v):
     return gx, _cdiv(m, rows), rows
 
 
+# The launch geometry of a reduction or elementwise pass depends only on the kernel,
+# the view's shape and dtype, the alignment and the device: computed once per key
+# (the host time of a small call is mostly such Python work). The function itself is
+# looked up per launch (a dict lookup), so tests can count the launches.
+@functools.lru_cache(maxsize=1024)
+def _reduce_launch(dev, kernel, kind, shape, dtype, aligned, center):
+    """(name expression, grid, block, scalar args, blocks per channel) of a reduction."""
+    if kind == "outer":
+        n, c, s = shape
+        vec = _vec(dtype, s)
+        blocks, chunk = outer_split(n, s // vec, c)
+        grid, block = (c, blocks), (THREADS,)
+        args = (_i64(c), _i64(s // vec), _i64(n * (s // vec)), _i64(chunk))
+    else:
+        m, c = shape
+        vec = _vec(dtype, c)
+        gx, blocks, rows = inner_split(m, c // vec)
+        grid, block = (gx, blocks), inner_block(c // vec)
+        args = (_i64(m), _i64(c), _i64(rows))
+    # VEC is fixed by the shape (the summation order too); alignment only picks the loads
+    name = kernel_name(f"{kernel}_{kind}", dtype, vec, vec == 1 or aligned, center)
+    return name, grid, block, args, blocks
+
+
+@functools.lru_cache(maxsize=1024)
+def _elementwise_launch(dev, kernel, kind, shape, dtype, aligned):
+    """(name expression, grid, block, scalar args) of normalize_* / grad_input_*."""
+    if kind == "outer":
+        n, c, s = shape
+        vec = _vec(dtype, s) if aligned else 1
+        total = n * c * (s // vec)
+        blocks = max(1, min(_cdiv(total, THREADS * UNROLL), _sm_count() * BLOCKS_PER_SM))
+        grid, block = (blocks,), (THREADS,)
+        args = (_i64(c), _i64(s // vec), _i64(total))
+    else:
+        m, c = shape
+        vec = _vec(dtype, c) if aligned else 1
+        tx, ty = inner_block(c // vec)
+        gx = _cdiv(c // vec, tx)
+        gy = min(_cdiv(m, ty * UNROLL), max(1, _cdiv(_sm_count() * BLOCKS_PER_SM, gx)), 65535)
+        grid, block = (gx, gy), (tx, ty)
+        args = (_i64(m), _i64(c))
+    return kernel_name(f"{kernel}_{kind}", dtype, vec), grid, block, args
+
+
 def _reduce(kernel, p, arrays, extra, center=None):
     """Launch a partial-reduction kernel over ``arrays`` (kernel views of the plan).
 
     ``center``: dtype of grad_sums_*'s center when it is not the input's.
     Returns ``(partials, blocks_per_channel)``; partials is ``(3, C, B)`` flat.
     """
-    dtype = arrays[0].dtype
-    if p.kind == "outer":
-        n, c, s = p.view.shape
-        vec = _vec(dtype, s)
-        blocks, chunk = outer_split(n, s // vec, c)
-        grid, block = (c, blocks), (THREADS,)
-        args = (_i64(c), _i64(s // vec), _i64(n * (s // vec)), _i64(chunk))
-    else:
-        m, c = p.view.shape
-        vec = _vec(dtype, c)
-        gx, blocks, rows = inner_split(m, c // vec)
-        grid, block = (gx, blocks), inner_block(c // vec)
-        args = (_i64(m), _i64(c), _i64(rows))
-    part = cupy.empty(3 * c * blocks, np.float64)
-    aligned = vec == 1 or _aligned(*arrays)
-    fn = _function(kernel_name(f"{kernel}_{p.kind}", dtype, vec, aligned, center))
-    fn(grid, block, tuple(arrays) + tuple(extra) + (part,) + args)
+    name, grid, block, args, blocks = _reduce_launch(
+        cupy.cuda.runtime.getDevice(), kernel, p.kind, p.view.shape, arrays[0].dtype,
+        _aligned(*arrays), center)
+    part = cupy.empty(3 * p.shape[1] * blocks, np.float64)
+    _function(name)(grid, block, tuple(arrays) + tuple(extra) + (part,) + args)
     return part, blocks
 
 
 def _elementwise(kernel, p, inputs, out, coef):
     """Launch normalize_* / grad_input_*: ``out = f(inputs, per-channel coef)``."""
-    dtype = out.dtype
     arrays = tuple(inputs) + (out,)
-    if p.kind == "outer":
-        n, c, s = out.shape
-        vec = _vec(dtype, s) if _aligned(*arrays) else 1
-        total = n * c * (s // vec)
-        blocks = max(1, min(_cdiv(total, THREADS * UNROLL), _sm_count() * BLOCKS_PER_SM))
-        grid, block = (blocks,), (THREADS,)
-        args = (_i64(c), _i64(s // vec), _i64(total))
-    else:
-        m, c = out.shape
-        vec = _vec(dtype, c) if _aligned(*arrays) else 1
-        tx, ty = inner_block(c // vec)
-        gx = _cdiv(c // vec, tx)
-        gy = min(_cdiv(m, ty * UNROLL), max(1, _cdiv(_sm_count() * BLOCKS_PER_SM, gx)), 65535)
-        grid, block = (gx, gy), (tx, ty)
-        args = (_i64(m), _i64(c))
-    _function(kernel_name(f"{kernel}_{p.kind}", dtype, vec))(grid, block, arrays + (coef,) + args)
+    name, grid, block, args = _elementwise_launch(
+        cupy.cuda.runtime.getDevice(), kernel, p.kind, out.shape, out.dtype, _aligned(*arrays))
+    _function(name)(grid, block, arrays + (coef,) + args)
 
 
 def _per_channel_grid(c, per_block):

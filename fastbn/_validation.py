@@ -142,14 +142,28 @@ def _device_hint(want):
     return "convert it with cupy.asnumpy(...) or move the module with bn.to('cuda')"
 
 
+def _all_beside(reference, arrays):
+    """Quick yes: every array is None or of ``reference``'s own class, on its device
+    (CuPy). A False only means that the full checks must decide."""
+    cls = type(reference)
+    if cls is np.ndarray:
+        for a in arrays:
+            if a is not None and type(a) is not cls:
+                return False
+        return True
+    if not is_cupy_array(reference):
+        return False
+    dev = reference.data.device_id
+    for a in arrays:
+        if a is not None and (type(a) is not cls or a.data.device_id != dev):
+            return False
+    return True
+
+
 def check_same_device(reference, arrays, reference_name="input"):
     """All of ``arrays`` (name -> array or None) live where ``reference`` does."""
-    if type(reference) is np.ndarray:
-        for a in arrays.values():
-            if a is not None and type(a) is not np.ndarray:
-                break
-        else:
-            return   # the common all-NumPy case, without the per-array checks below
+    if _all_beside(reference, arrays.values()):
+        return   # the common case, without the per-array checks below
     want = device_kind(reference)
     for name, a in arrays.items():
         if a is None:
@@ -199,13 +213,12 @@ def check_channel_array(a, name, num_channels, dtype):
 
 def check_channel_arrays(x, names, arrays):
     """Per-channel arrays (``arrays[i]`` named ``names[i]``, each an array or None) next
-    to input ``x``: same device, shape (C,), x's dtype. All-NumPy calls that pass take
-    one quick loop."""
-    if type(x) is np.ndarray:
+    to input ``x``: same device, shape (C,), x's dtype. Calls that pass, with arrays of
+    x's own class, take two quick loops."""
+    if _all_beside(x, arrays):
         shape, dtype = (x.shape[1],), x.dtype
         for a in arrays:
-            if a is not None and (type(a) is not np.ndarray or a.shape != shape
-                                  or a.dtype is not dtype):
+            if a is not None and (a.shape != shape or a.dtype is not dtype):
                 break
         else:
             return

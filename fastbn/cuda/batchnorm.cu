@@ -44,7 +44,15 @@ namespace fastbn {
 
 constexpr int THREADS = 256;   // threads per block of every kernel
 constexpr int WARP = 32;
-constexpr int UNROLL = 4;      // independent loads in flight per thread
+constexpr int UNROLL = 4;      // independent loads in flight per thread and input
+// grad_sums_* keep 64 bytes in flight per input instead, so that their scalar
+// versions (VEC = 1: S or C not a multiple of 16 bytes) load 16 floats at a time.
+// On an H100 (2026-11-28, (256, 512, 7, 7) float32) that took grad_sums_outer
+// from 29.7 to 26.9 us; stats_outer got slower with it (24.9 -> 27.8 us) and the
+// elementwise kernels spill registers, so they keep UNROLL. A thread still visits
+// its values in increasing order: the sums do not depend on the unroll.
+template <typename T, int VEC>
+constexpr int wide_unroll() { return 64 / static_cast<int>(sizeof(T) * VEC); }
 // Minimum resident blocks per SM for the streaming kernels: caps registers at
 // 64 (one input) or 85 (two inputs, which keep twice the loads in flight) so
 // that enough warps hide the memory latency without spilling.
@@ -510,6 +518,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_2)
 grad_sums_outer(const T* __restrict__ dy, const T* __restrict__ x, const CT* __restrict__ center,
                 double* __restrict__ part, long long C, long long S_v, long long V,
                 long long chunk) {
+    constexpr int LOADS = wide_unroll<T, VEC>();
     const long long c = blockIdx.x, b = blockIdx.y, B = gridDim.y;
     const long long e0 = b * chunk, e1 = lmin(e0 + chunk, V);
     const double mu = static_cast<double>(center[c]);
@@ -517,10 +526,10 @@ grad_sums_outer(const T* __restrict__ dy, const T* __restrict__ x, const CT* __r
     long long v = e0 + threadIdx.x;
     if (v < e1) {
         ChannelWalk w(v, c, C, S_v, THREADS);
-        for (; v < e1; v += UNROLL * THREADS) {
-            Pack<T, VEC> g[UNROLL], a[UNROLL];
+        for (; v < e1; v += LOADS * THREADS) {
+            Pack<T, VEC> g[LOADS], a[LOADS];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
+            for (int u = 0; u < LOADS; ++u) {
                 if (v + u * THREADS < e1) {
                     g[u] = load<T, VEC, ALIGNED>(dy + w.off * VEC);
                     a[u] = load<T, VEC, ALIGNED>(x + w.off * VEC);
@@ -528,7 +537,7 @@ grad_sums_outer(const T* __restrict__ dy, const T* __restrict__ x, const CT* __r
                 }
             }
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
+            for (int u = 0; u < LOADS; ++u) {
                 if (v + u * THREADS < e1) {
 #pragma unroll
                     for (int k = 0; k < VEC; ++k) {
@@ -555,6 +564,7 @@ template <typename T, int VEC, bool ALIGNED, typename CT = T>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_2)
 grad_sums_inner(const T* __restrict__ dy, const T* __restrict__ x, const CT* __restrict__ center,
                 double* __restrict__ part, long long M, long long C, long long rows) {
+    constexpr int LOADS = wide_unroll<T, VEC>();
     const long long cv = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long b = blockIdx.y, B = gridDim.y;
     const long long r0 = b * rows, r1 = lmin(r0 + rows, M);
@@ -564,10 +574,10 @@ grad_sums_inner(const T* __restrict__ dy, const T* __restrict__ x, const CT* __r
     if (active) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) mu[k] = static_cast<double>(center[cv * VEC + k]);
-        for (long long r = r0 + threadIdx.y; r < r1; r += UNROLL * blockDim.y) {
-            Pack<T, VEC> g[UNROLL], a[UNROLL];
+        for (long long r = r0 + threadIdx.y; r < r1; r += LOADS * blockDim.y) {
+            Pack<T, VEC> g[LOADS], a[LOADS];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
+            for (int u = 0; u < LOADS; ++u) {
                 const long long rr = r + static_cast<long long>(u) * blockDim.y;
                 if (rr < r1) {
                     g[u] = load<T, VEC, ALIGNED>(dy + rr * C + cv * VEC);
@@ -575,7 +585,7 @@ grad_sums_inner(const T* __restrict__ dy, const T* __restrict__ x, const CT* __r
                 }
             }
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
+            for (int u = 0; u < LOADS; ++u) {
                 if (r + static_cast<long long>(u) * blockDim.y < r1) {
 #pragma unroll
                     for (int k = 0; k < VEC; ++k) {
