@@ -232,3 +232,36 @@ def test_module_on_cuda_refuses_an_input_on_another_gpu():
     v.check_module_device("BatchNorm2d", ("cuda", 1), on(1))
     with pytest.raises(TypeError, match="is on cuda:1 but the input is on cuda:0"):
         v.check_module_device("BatchNorm2d", ("cuda", 1), on(0))
+
+
+def _fake_cupy_array(shape, dtype=np.float32, device=0):
+    """A stand-in for a cupy.ndarray (the class module and name the checks look at)."""
+    a = _FAKE_CUPY()
+    a.shape, a.ndim, a.dtype = tuple(shape), len(shape), np.dtype(dtype)
+    a.data = types.SimpleNamespace(device_id=device)
+    a.device = types.SimpleNamespace(id=device)
+    return a
+
+
+_FAKE_CUPY = type("ndarray", (), {"__module__": "cupy._core.core"})
+
+
+def test_channel_array_checks_of_cupy_like_arrays():
+    """The quick path for CuPy arrays accepts only what the full checks accept."""
+    from fastbn import _validation as v
+    x = _fake_cupy_array((4, 3, 5))
+    names = ("weight", "bias")
+    assert v.check_channel_arrays(x, names, (_fake_cupy_array((3,)), None)) is None
+    with pytest.raises(TypeError, match=r"bias is on cuda:1 but input is on cuda:0"):
+        v.check_channel_arrays(x, names, (_fake_cupy_array((3,)), _fake_cupy_array((3,),
+                                                                                   device=1)))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\).*got shape \(4,\)"):
+        v.check_channel_arrays(x, names, (_fake_cupy_array((4,)), None))
+    with pytest.raises(TypeError, match=r"bias has dtype float64 but the input has dtype "
+                                        r"float32"):
+        v.check_channel_arrays(x, names, (None, _fake_cupy_array((3,), np.float64)))
+    with pytest.raises(TypeError, match=r"weight is a numpy.ndarray \(cpu\) but input is a "
+                                        r"cupy.ndarray \(cuda\)"):
+        v.check_channel_arrays(x, names, (np.ones(3, np.float32), None))
+    with pytest.raises(TypeError, match=r"grad_output is on cuda:2 but input is on cuda:0"):
+        v.check_same_device(x, {"grad_output": _fake_cupy_array((4, 3, 5), device=2)})
