@@ -222,12 +222,14 @@ def _reduce(kernel, p, arrays, extra, center=None):
     """Launch a partial-reduction kernel over ``arrays`` (kernel views of the plan).
 
     ``center``: dtype of grad_sums_*'s center when it is not the input's.
-    Returns ``(partials, blocks_per_channel)``; partials is ``(3, C, B)`` flat.
+    Returns ``(partials, blocks_per_channel)``; partials is ``(3, C, B)`` flat, then
+    (stats_*) the C per-channel shifts.
     """
     name, grid, block, args, blocks = _reduce_launch(
         cupy.cuda.runtime.getDevice(), kernel, p.kind, p.view.shape, arrays[0].dtype,
         _aligned(*arrays), center)
-    part = cupy.empty(3 * p.shape[1] * blocks, np.float64)
+    c = p.shape[1]
+    part = cupy.empty(3 * c * blocks + (c if kernel == "stats" else 0), np.float64)
     _function(name)(grid, block, tuple(arrays) + tuple(extra) + (part,) + args)
     return part, blocks
 

@@ -29,8 +29,9 @@
 // fixed shuffle tree). There are no floating-point atomics, so results are
 // bit-identical from run to run.
 //
-// Accuracy: statistics are accumulated in double around a shift (the block's
-// first value), block moments are combined with Chan's formula, and the
+// Accuracy: statistics are sums in double of the deviations from a shift, the
+// channel's first value (the same in every block, so the partial sums add up:
+// mean = shift + sum d / n, M2 = sum d^2 - (sum d)^2 / n), and the
 // elementwise passes compute ((x - hi) - lo) * scale + shift where hi + lo is
 // the double mean split into two numbers of the input type. A float32 input
 // with mean 1e6 and std 1 is normalized to float32 precision.
@@ -208,48 +209,11 @@ struct FlatWalk {
     }
 };
 
-// Chan et al.: merge (nb, mb, m2b) into (n, m, m2); empty sides are no-ops.
-__device__ __forceinline__ void chan_merge(double& n, double& m, double& m2,
-                                           double nb, double mb, double m2b) {
-    if (nb == 0.0) return;
-    if (n == 0.0) {
-        n = nb;
-        m = mb;
-        m2 = m2b;
-        return;
-    }
-    const double total = n + nb;
-    const double delta = mb - m;
-    m = m + delta * (nb / total);
-    m2 = m2 + m2b + delta * delta * (n * nb / total);
-    n = total;
-}
-
 // hi + lo == value to about 2 * 24 (float) or 2 * 53 (double) bits.
 template <typename T>
 __device__ __forceinline__ void split_hi_lo(double value, T& hi, T& lo) {
     hi = static_cast<T>(value);
     lo = static_cast<T>(value - static_cast<double>(hi));
-}
-
-// One warp merges channel c's B (mean, M2, count) partials in a fixed order
-// (lane l takes blocks l, l + 32, ..., then a fixed shuffle tree); lane 0 ends
-// with the channel's (n, mean, M2).
-__device__ __forceinline__ void warp_merge_moments(const double* __restrict__ part, long long C,
-                                                   long long B, long long c, int lane,
-                                                   double& n, double& m, double& m2) {
-    const long long cb = C * B;
-    n = 0.0;
-    m = 0.0;
-    m2 = 0.0;
-    for (long long b = lane; b < B; b += WARP) {
-        const long long i = c * B + b;
-        chan_merge(n, m, m2, part[2 * cb + i], part[i], part[cb + i]);
-    }
-    for (int off = WARP / 2; off > 0; off /= 2) {
-        const double nb = shfl_down(n, off), mb = shfl_down(m, off), m2b = shfl_down(m2, off);
-        if (lane + off < WARP) chan_merge(n, m, m2, nb, mb, m2b);
-    }
 }
 
 // One warp adds channel c's B partials of the three sums in a fixed order;
@@ -272,9 +236,23 @@ __device__ __forceinline__ void warp_sum_partials(const double* __restrict__ par
     }
 }
 
+// A channel's count n, mean and M2 (sum of squared deviations from the mean) from
+// its totals s = (sum d, sum d^2, n) of the deviations d = x - shift.
+__device__ __forceinline__ void moments_from_sums(const double (&s)[3], double shift, double& n,
+                                                  double& m, double& m2) {
+    n = s[2];
+    const double d = s[0] / n;          // mean - shift
+    m = shift + d;
+    m2 = s[1] - s[0] * d;
+    if (m2 < 0.0) m2 = 0.0;             // rounding; NaN stays NaN
+}
+
 // ---------------------------------------------------------------------------
-// statistics: per-block (mean, M2, count) partials
-// part[q * C * B + c * B + b], q = 0 mean, 1 M2, 2 count
+// statistics: per-block sums of the deviations d = x - shift from a shift that is
+// the same in every block of a channel (its first value), so that finalize_* adds
+// the partials (no division per merge):
+// part[q * C * B + c * B + b], q = 0 sum d, 1 sum d^2, 2 count; part[3 * C * B + c]
+// is channel c's shift
 // ---------------------------------------------------------------------------
 
 // grid (C, B); block b of channel c covers the channel's units [b*chunk, ...).
@@ -284,8 +262,9 @@ stats_outer(const T* __restrict__ x, double* __restrict__ part, long long C, lon
             long long V, long long chunk) {
     const long long c = blockIdx.x, b = blockIdx.y, B = gridDim.y;
     const long long e0 = b * chunk, e1 = lmin(e0 + chunk, V);
-    const long long n0 = e0 / S_v;
-    const double shift = static_cast<double>(x[((n0 * C + c) * S_v + (e0 - n0 * S_v)) * VEC]);
+    // the channel's first value (image 0, position 0): every block of the channel
+    // sums around it, so that the partial sums add up
+    const double shift = static_cast<double>(x[c * S_v * VEC]);
     double acc[2] = {0.0, 0.0};
     long long v = e0 + threadIdx.x;
     if (v < e1) {
@@ -314,12 +293,11 @@ stats_outer(const T* __restrict__ x, double* __restrict__ part, long long C, lon
     }
     block_sum<2>(acc);
     if (threadIdx.x == 0) {
-        const double n = static_cast<double>((e1 - e0) * VEC);
-        const double m2 = acc[1] - acc[0] * (acc[0] / n);
         const long long i = c * B + b, cb = C * B;
-        part[i] = shift + acc[0] / n;
-        part[cb + i] = m2 < 0.0 ? 0.0 : m2;   // NaN stays NaN
-        part[2 * cb + i] = n;
+        part[i] = acc[0];
+        part[cb + i] = acc[1];
+        part[2 * cb + i] = static_cast<double>((e1 - e0) * VEC);
+        if (b == 0) part[3 * cb + c] = shift;
     }
 }
 
@@ -336,7 +314,8 @@ stats_inner(const T* __restrict__ x, double* __restrict__ part, long long M, lon
     double acc[2][VEC] = {};
     double shift[VEC] = {};
     if (active) {
-        const Pack<T, VEC> first = load<T, VEC, ALIGNED>(x + r0 * C + cv * VEC);
+        // row 0: the same shift in every block of these channels (see stats_outer)
+        const Pack<T, VEC> first = load<T, VEC, ALIGNED>(x + cv * VEC);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) shift[k] = static_cast<double>(first.v[k]);
         for (long long r = r0 + threadIdx.y; r < r1; r += UNROLL * blockDim.y) {
@@ -361,21 +340,20 @@ stats_inner(const T* __restrict__ x, double* __restrict__ part, long long M, lon
     }
     column_sum<2, VEC>(acc);
     if (threadIdx.y == 0 && active) {
-        const double n = static_cast<double>(r1 - r0);
         const long long cb = C * B;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
             const long long i = (cv * VEC + k) * B + b;
-            const double m2 = acc[1][k] - acc[0][k] * (acc[0][k] / n);
-            part[i] = shift[k] + acc[0][k] / n;
-            part[cb + i] = m2 < 0.0 ? 0.0 : m2;   // NaN stays NaN
-            part[2 * cb + i] = n;
+            part[i] = acc[0][k];
+            part[cb + i] = acc[1][k];
+            part[2 * cb + i] = static_cast<double>(r1 - r0);
+            if (b == 0) part[3 * cb + cv * VEC + k] = shift[k];
         }
     }
 }
 
-// One warp per channel (grid ceil(C / 8), block 256): merge the B partials in
-// a fixed order, then write save_mean/save_invstd, update the running stats
+// One warp per channel (grid ceil(C / 8), block 256): add the B partials in a
+// fixed order, then write save_mean/save_invstd, update the running stats
 // (PyTorch's rule, unbiased variance, in double) and write the coefficients
 // coef[q * C + c] of y = ((x - hi) - lo) * scale + shift, q = hi, lo, scale, shift.
 template <typename T>
@@ -388,9 +366,10 @@ finalize_stats(const double* __restrict__ part, long long C, long long B, double
     const long long c = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / WARP;
     const int lane = threadIdx.x % WARP;
     if (c >= C) return;                 // whole warps leave together
-    double n, m, m2;
-    warp_merge_moments(part, C, B, c, lane, n, m, m2);
+    double s[3], n, m, m2;
+    warp_sum_partials(part, C, B, c, lane, s);
     if (lane != 0) return;
+    moments_from_sums(s, part[3 * C * B + c], n, m, m2);
     const double invstd = 1.0 / sqrt(m2 / n + eps);
     save_mean[c] = static_cast<T>(m);
     save_invstd[c] = static_cast<T>(invstd);
@@ -663,7 +642,7 @@ finalize_grad(const double* __restrict__ part, long long C, long long B, double 
 // step-by-step building blocks (SyncBatchNorm): per-channel double values
 // ---------------------------------------------------------------------------
 
-// One warp per channel (grid ceil(C / 8), block 256): merge the B partials of
+// One warp per channel (grid ceil(C / 8), block 256): add the B partials of
 // stats_* (moments != 0: out = mean, M2, count) or of grad_sums_* (moments == 0:
 // out = sum dy, sum dy * (x - center), sum (x - center)) in the fixed order of
 // finalize_stats / finalize_grad; out[q * C + c], double.
@@ -674,12 +653,15 @@ finalize_partials(const double* __restrict__ part, long long C, long long B,
     const int lane = threadIdx.x % WARP;
     if (c >= C) return;                 // whole warps leave together
     double s[3];
-    if (moments) {
-        warp_merge_moments(part, C, B, c, lane, s[2], s[0], s[1]);
-    } else {
-        warp_sum_partials(part, C, B, c, lane, s);
-    }
+    warp_sum_partials(part, C, B, c, lane, s);
     if (lane != 0) return;
+    if (moments) {
+        double n, m, m2;
+        moments_from_sums(s, part[3 * C * B + c], n, m, m2);
+        s[0] = m;
+        s[1] = m2;
+        s[2] = n;
+    }
     out[c] = s[0];
     out[C + c] = s[1];
     out[2 * C + c] = s[2];
