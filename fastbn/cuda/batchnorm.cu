@@ -31,10 +31,12 @@
 //
 // Accuracy: statistics are sums in double of the deviations from a shift, the
 // channel's first value (the same in every block, so the partial sums add up:
-// mean = shift + sum d / n, M2 = sum d^2 - (sum d)^2 / n), and the
-// elementwise passes compute ((x - hi) - lo) * scale + shift where hi + lo is
-// the double mean split into two numbers of the input type. A float32 input
-// with mean 1e6 and std 1 is normalized to float32 precision.
+// mean = shift + sum d / n, M2 = sum d^2 - (sum d)^2 / n). The subtraction in M2
+// loses a factor 1 + (shift - mean)^2 / var of double's precision, and since the
+// shift is one of the n values, (shift - mean)^2 <= n * var: at most log10(n + 1)
+// of 16 digits. The elementwise passes compute ((x - hi) - lo) * scale + shift
+// where hi + lo is the double mean split into two numbers of the input type. A
+// float32 input with mean 1e6 and std 1 is normalized to float32 precision.
 //
 // Vectorised access: VEC elements (16 bytes) are one unit of work. For the
 // reductions VEC depends only on the shape (S or C divisible by VEC) so the
