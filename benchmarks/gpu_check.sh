@@ -8,10 +8,13 @@
 # 2. runs tests/test_gpu_compile.py and tests/test_gpu.py (FASTBN_REQUIRE_GPU=1: no
 #    silent skip when CUDA is unusable),
 # 3. runs `python -m fastbn bench --device cuda` (GPU times, GB/s, ratio to
-#    PyTorch CUDA, float64 checks).
-# Writes: env.txt, build.log, gpu_tests.txt, gpu_tests.xml, gpu_bench.txt,
-# gpu_bench.json, summary.txt. Exit status: 0 when the tests pass and every
-# benchmark row passes its float64 check. Stays under 6 minutes (timeouts below).
+#    PyTorch CUDA, float64 checks),
+# 4. runs benchmarks/gpu_profile.py (per-kernel times of fastbn and PyTorch, host
+#    time per call, cProfile of small calls; informative, not part of the status).
+# Writes 8 files (the device tool returns at most 8): env.txt, build.log,
+# gpu_tests.txt, gpu_bench.txt, gpu_bench.json, profile.txt, kernels.json,
+# summary.txt. Exit status: 0 when the tests pass and every benchmark row passes
+# its float64 check. Stays under 7 minutes (timeouts below).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -20,6 +23,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-170}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
+PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-90}"
 START=$(date +%s)
 
 say() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -88,7 +92,7 @@ say "running the GPU tests (timeout ${TEST_TIMEOUT}s)"
 # test_gpu_compile.py reads (the test sets it too; this covers an earlier load).
 CUDA_CACHE_DISABLE=1 FASTBN_REQUIRE_GPU=1 timeout "$TEST_TIMEOUT" \
     "$PY" -m pytest tests/test_gpu_compile.py tests/test_gpu.py -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt"
+    2>&1 | tee "$OUT/gpu_tests.txt"
 TEST_RC=${PIPESTATUS[0]}
 say "tests: exit $TEST_RC ($(tail -n 1 "$OUT/gpu_tests.txt"))"
 
@@ -102,5 +106,14 @@ if [ "$BENCH_RC" -eq 0 ] && grep -q "WRONG" "$OUT/gpu_bench.txt"; then
 fi
 say "benchmark: exit $BENCH_RC"
 
-say "done in $(( $(date +%s) - START ))s: tests rc=$TEST_RC, bench rc=$BENCH_RC; files in $OUT"
+say "running the GPU profile (timeout ${PROFILE_TIMEOUT}s)"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout "$PROFILE_TIMEOUT" \
+    "$PY" benchmarks/gpu_profile.py --out "$OUT" > "$OUT/profile.log" 2>&1
+PROFILE_RC=$?
+[ -f "$OUT/profile.txt" ] || mv "$OUT/profile.log" "$OUT/profile.txt"
+rm -f "$OUT/profile.log"
+say "profile: exit $PROFILE_RC"
+
+say "done in $(( $(date +%s) - START ))s: tests rc=$TEST_RC, bench rc=$BENCH_RC,"\
+    "profile rc=$PROFILE_RC; files in $OUT"
 [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
