@@ -214,16 +214,8 @@ def check_channel_array(a, name, num_channels, dtype):
 def check_channel_arrays(x, names, arrays):
     """Per-channel arrays (``arrays[i]`` named ``names[i]``, each an array or None) next
     to input ``x``: same device, shape (C,), x's dtype. Calls that pass, with arrays of
-    x's own class, take one quick loop (NumPy) or two (CuPy)."""
-    if type(x) is np.ndarray:
-        shape, dtype = (x.shape[1],), x.dtype
-        for a in arrays:
-            if a is not None and (type(a) is not np.ndarray or a.shape != shape
-                                  or a.dtype is not dtype):
-                break
-        else:
-            return
-    elif _all_beside(x, arrays):
+    x's own class, take two quick loops."""
+    if _all_beside(x, arrays):
         shape, dtype = (x.shape[1],), x.dtype
         for a in arrays:
             if a is not None and (a.shape != shape or a.dtype is not dtype):
