@@ -63,20 +63,9 @@ def kernel_table(cupy, torch, quick, emit, who_list=("fastbn", "torch"), tag="")
          f"launches)")
     for case in [c for c in bc.CASES if c.quick == quick]:
         for mode in bc.MODES:
-            dtype = np.dtype(np.float32)
-            x0 = bc._inputs(cupy, case, dtype, seed=1)
-            k = max(1, min(8, -(-bc.ROTATE_BYTES // x0.nbytes)))
-            xs = [x0] + [bc._inputs(cupy, case, dtype, seed=10 + i) for i in range(1, k)]
-            gys = ([bc._inputs(cupy, case, dtype, seed=100 + i) for i in range(k)]
-                   if mode == "backward" else [None] * k)
-            c = case.shape[1]
-            rng = np.random.default_rng(3)
-            w, b, rm, rv = (cupy.asarray(a.astype(dtype)) for a in (
-                rng.uniform(0.5, 1.5, c), rng.standard_normal(c), 0.1 * rng.standard_normal(c),
-                rng.uniform(0.5, 1.5, c)))
-            saved = ([fastbn.batch_norm_forward(x, w, b, None, None, True, bc.MOMENTUM,
-                                                bc.EPS)[1:] for x in xs]
-                     if mode == "backward" else [])
+            xs, gys, saved, (w, b, rm, rv) = bc.case_inputs(cupy, case, mode,
+                                                            np.dtype(np.float32))
+            k = len(xs)
             fns = {"fastbn": bc._fastbn_call(fastbn, mode, xs, gys, saved, w, b, rm.copy(),
                                              rv.copy()),
                    "torch": bc._torch_call(torch, mode, xs, gys, w, b, rm, rv)}

@@ -175,7 +175,13 @@ def _torch_call(torch, mode, xs, gys, w, b, rm, rv):
                           saved[i % k][1], True, EPS, [True, True, True])[0]
 
 
-def run_case(cupy, torch, timer, case, mode, dtype, copy_gbps):
+def case_inputs(cupy, case, mode, dtype):
+    """The rotated inputs of one row: ``(xs, gys, saved, (w, b, rm, rv))``.
+
+    ``xs`` holds enough copies of the input (up to 8) that consecutive calls do not
+    find it in L2; ``gys`` the gradients (``None`` in the forward modes); ``saved``
+    the batch statistics of each input (backward only).
+    """
     import fastbn
 
     x0 = _inputs(cupy, case, dtype, seed=1)
@@ -192,6 +198,14 @@ def run_case(cupy, torch, timer, case, mode, dtype, copy_gbps):
     if mode == "backward":
         saved = [fastbn.batch_norm_forward(x, w, b, None, None, True, MOMENTUM, EPS)[1:]
                  for x in xs]
+    return xs, gys, saved, (w, b, rm, rv)
+
+
+def run_case(cupy, torch, timer, case, mode, dtype, copy_gbps):
+    import fastbn
+
+    xs, gys, saved, (w, b, rm, rv) = case_inputs(cupy, case, mode, dtype)
+    x0, k = xs[0], len(xs)
     run_rm, run_rv = rm.copy(), rv.copy()
     fn = _fastbn_call(fastbn, mode, xs, gys, saved, w, b,
                       run_rm if mode == "train" else rm, run_rv if mode == "train" else rv)
