@@ -61,17 +61,11 @@ def compiled():
     compute cache and its log then holds no ptxas statistics (seen on an H100,
     2026-11-28; NVIDIA/cuda-python#1124): CUDA_CACHE_DISABLE=1 turns that off.
     """
-    saved = os.environ.get("CUDA_CACHE_DISABLE")
-    os.environ["CUDA_CACHE_DISABLE"] = "1"
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CUDA_CACHE_DISABLE", "1")
         source = _gpu.kernel_source()
         return {arch: compile_source(source, arch, extra=("--ptxas-options=-v",))
                 for arch in ARCHS}
-    finally:
-        if saved is None:
-            del os.environ["CUDA_CACHE_DISABLE"]
-        else:
-            os.environ["CUDA_CACHE_DISABLE"] = saved
 
 
 def test_nvrtc_is_loaded():
