@@ -6,6 +6,7 @@ module classes and their running-statistics logic are the same for both.
 __version__ = "0.1.0"
 
 from ._config import show_config
+from ._memory import get_output_cache, set_output_cache
 from ._threads import get_num_threads, set_num_threads
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -15,5 +16,6 @@ __all__ = [
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
     "allreduce_gradients",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
-    "set_num_threads", "get_num_threads", "show_config", "__version__",
+    "set_num_threads", "get_num_threads", "set_output_cache", "get_output_cache",
+    "show_config", "__version__",
 ]

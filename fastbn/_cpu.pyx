@@ -129,6 +129,56 @@ cdef void _free(void* p) noexcept:
         free(p)
 
 
+cdef class OutputBlock:
+    """A writable byte buffer of ``nbytes`` in ``mem`` (a 1-D uint8 array, at least
+    ``nbytes + 63`` long), starting on a 64-byte line; when the last array made from
+    it is gone, ``release(mem)`` runs.
+
+    The output cache of fastbn/_memory.py hands out arrays made from these: their
+    views all lead back here (NumPy does not collapse a chain of bases past a
+    non-array), so the memory is released only when no array uses it any more.
+    """
+    cdef object mem
+    cdef object release
+    cdef char* start
+    cdef Py_ssize_t nbytes
+    cdef Py_ssize_t one
+
+    def __cinit__(self, mem, Py_ssize_t nbytes, release):
+        cdef unsigned char[::1] raw = mem
+        cdef Py_ssize_t lead = (-(<size_t> &raw[0])) % 64
+        if nbytes <= 0 or lead + nbytes > raw.shape[0]:
+            raise ValueError(f"fastbn: {nbytes} aligned bytes do not fit a block of "
+                             f"{raw.shape[0]}")
+        self.mem = mem
+        self.release = release
+        self.start = <char*> &raw[lead]
+        self.nbytes = nbytes
+        self.one = 1
+
+    def __dealloc__(self):
+        try:
+            self.release(self.mem)
+        except BaseException:
+            pass    # at interpreter exit the cache may be gone: the memory is freed then
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        view.buf = self.start
+        view.obj = self
+        view.len = self.nbytes
+        view.readonly = 0
+        view.itemsize = 1
+        view.format = b"B"
+        view.ndim = 1
+        view.shape = &self.nbytes
+        view.strides = &self.one
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+
 cdef inline const floating* _opt(const floating[::1] a) noexcept:
     return NULL if a is None else &a[0]
 

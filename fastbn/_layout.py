@@ -12,6 +12,8 @@ NumPy and CuPy arrays share, so both backends use it.
 """
 from math import prod
 
+from ._memory import empty as _empty
+
 
 class Plan:
     """How the kernels see an input: its layout, kernel view and sizes.
@@ -79,27 +81,6 @@ class Plan:
         if self._keeps_channels_last():
             a = a.transpose((0,) + tuple(range(2, a.ndim)) + (1,))
         return xp.ascontiguousarray(a).reshape(self.count, n_chan)
-
-
-# Outputs from this size on start on a cache line (see _empty); smaller ones never
-# stream, and the aligned allocation costs about 2 us more than a plain one.
-ALIGN_FROM_BYTES = 1 << 20
-
-
-def _empty(xp, shape, dtype):
-    """``xp.empty``, starting on a 64-byte cache line for large NumPy outputs.
-
-    NumPy aligns large arrays to 16 bytes only; with whole lines the CPU kernels
-    can write every line of a large output with streaming stores (a line shared
-    with a neighbouring run is stored plainly). CuPy allocations are aligned already.
-    """
-    dtype = xp.dtype(dtype)
-    nbytes = prod(shape) * dtype.itemsize
-    if nbytes < ALIGN_FROM_BYTES or xp.__name__ != "numpy":
-        return xp.empty(shape, dtype)
-    raw = xp.empty(nbytes + 64, xp.uint8)
-    start = -raw.ctypes.data % 64
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _channels_last(x):

@@ -29,6 +29,14 @@ def check_num_threads(n):
     return int(n)
 
 
+def check_cache_bytes(n):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"max_bytes must be a non-negative int, got {_type_name(n)} {n!r}")
+    if n < 0:
+        raise ValueError(f"max_bytes must be a non-negative int, got {n}")
+    return int(n)
+
+
 def check_num_features(n):
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"num_features must be a positive int, got {_type_name(n)} {n!r}")

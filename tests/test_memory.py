@@ -1,7 +1,9 @@
 """No call allocates more than its outputs plus O(C) scratch (traced with tracemalloc).
 
 The kernels report their scratch to tracemalloc, so the peak below covers NumPy
-arrays and kernel scratch alike.
+arrays and kernel scratch alike. The output cache (fastbn/_memory.py) is off for
+these checks, so that every call allocates its output; its own tests are in
+test_output_cache.py.
 """
 import tracemalloc
 
@@ -17,6 +19,13 @@ CASES = [((64, 8, 32, 32), "contiguous"), ((64, 8, 32, 32), "channels_last"),
          ((16384, 64), "contiguous"),
          ((2048, 256), "contiguous"), ((16, 3, 64, 64), "channels_last"),
          ((512, 16, 4), "contiguous")]
+
+
+@pytest.fixture(autouse=True)
+def no_output_cache():
+    old = fastbn.set_output_cache(0)
+    yield
+    fastbn.set_output_cache(old)
 
 
 def _peak(fn):

@@ -108,10 +108,10 @@ def test_set_streaming_rejects_unknown_modes():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_outputs_start_on_a_cache_line(layout):
     """Fresh outputs of 1 MiB or more are 64-byte aligned, so that every line can stream."""
-    from fastbn import _layout
+    from fastbn import _memory
 
     x = make((4, 3, 128, 256), np.float32, seed=43, layout=layout)
-    assert x.nbytes >= _layout.ALIGN_FROM_BYTES
+    assert x.nbytes >= _memory.BLOCK_FROM_BYTES
     y, _, _ = fastbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
     gx = fastbn.batch_norm_backward(x, x, None, None, None, np.zeros(3, np.float32),
                                     np.ones(3, np.float32), True, 1e-5)[0]

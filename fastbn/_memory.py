@@ -1,0 +1,117 @@
+"""Output arrays of the kernels, and the cache that reuses the memory of large ones.
+
+A fresh large array costs page faults when it is first written: the operating
+system maps and zeroes every page (2 MiB at a time where NumPy asks for
+transparent huge pages, sometimes after compacting memory first). glibc gives
+blocks above its mmap threshold (at most 32 MiB) back to the system as soon as
+they are freed, so a loop that makes outputs of such a size pays this on every
+call. Measured with ``benchmarks/output_cache.py`` on the 2-core EPYC (2 threads,
+two rounds each of cache off and on; the output is dropped after each call):
+(32, 64, 112, 112) float32 forward-train 13.0-15.0 ms against 7.1-7.2 ms (the kernel
+alone: 6.9-7.3 ms), eval 9.2-10.1 against 4.2 ms, backward 16.2-16.9 against
+9.7-10.2 ms; float64 (32, 64, 56, 56) channels-last backward 10.0-10.3 against
+6.1-6.3 ms (benchmarks/results/output-cache-2026-11-28-epyc-2c.txt).
+
+So the memory of a large NumPy output, once no array uses it, waits here for the
+next call that needs the same number of bytes, up to a limit in total (the oldest
+waiting block is dropped first when a newer one needs the room).
+"""
+import threading
+from math import prod
+
+from . import _cpu
+from ._validation import check_cache_bytes
+
+# NumPy outputs from this size on come from the cache. They start on a cache line,
+# so the kernels can write every line with streaming stores (a line shared with a
+# neighbouring run is stored plainly; NumPy aligns large arrays to 16 bytes only).
+# Smaller ones never stream and NumPy's allocator reuses them cheaply: a block from
+# the cache takes 2.2 us (timeit, 1 MiB), np.empty 0.2 us.
+BLOCK_FROM_BYTES = 1 << 20
+DEFAULT_LIMIT = 256 << 20
+
+
+class _OutputCache:
+    """Idle blocks (1-D uint8 NumPy arrays, 64 bytes longer than their outputs)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.kept = []          # (nbytes, block), oldest first
+        self.kept_bytes = 0
+        # reentrant: dropping an evicted block inside a call may run release()
+        self.lock = threading.RLock()
+
+    def take(self, np, nbytes):
+        with self.lock:
+            for i in range(len(self.kept) - 1, -1, -1):
+                if self.kept[i][0] == nbytes:
+                    block = self.kept.pop(i)[1]
+                    self.kept_bytes -= nbytes
+                    break
+            else:
+                block = np.empty(nbytes + 64, np.uint8)
+        return _cpu.OutputBlock(block, nbytes, self.release)
+
+    def release(self, block):
+        nbytes = block.nbytes - 64
+        with self.lock:
+            if nbytes > self.limit:
+                return
+            self.kept.append((nbytes, block))
+            self.kept_bytes += nbytes
+            self._trim()
+
+    def _trim(self):
+        while self.kept_bytes > self.limit:
+            self.kept_bytes -= self.kept.pop(0)[0]
+
+    def set_limit(self, limit):
+        with self.lock:
+            old, self.limit = self.limit, limit
+            self._trim()
+        return old
+
+    def info(self):
+        with self.lock:
+            return self.limit, self.kept_bytes, len(self.kept)
+
+
+_cache = _OutputCache(DEFAULT_LIMIT)
+
+
+def empty(xp, shape, dtype):
+    """``xp.empty(shape, dtype)``; large NumPy outputs are 64-byte aligned and cached."""
+    dtype = xp.dtype(dtype)
+    nbytes = prod(shape) * dtype.itemsize
+    if nbytes < BLOCK_FROM_BYTES or xp.__name__ != "numpy":
+        return xp.empty(shape, dtype)
+    return xp.frombuffer(_cache.take(xp, nbytes), dtype).reshape(shape)
+
+
+def set_output_cache(max_bytes):
+    """Set how much memory of freed outputs fastbn keeps for reuse.
+
+    Large CPU outputs (1 MiB and more) get memory from a cache: when the last array
+    using such memory is gone, fastbn keeps it, up to ``max_bytes`` in all, for the
+    next call that needs the same number of bytes. A training loop then writes its
+    outputs into memory that is already mapped, instead of paying the page faults
+    of fresh memory on every call. The oldest kept block is dropped first when a
+    newer one needs the room. CuPy outputs use CuPy's memory pool instead.
+
+    Parameters
+    ----------
+    max_bytes : int
+        The limit in bytes (default 256 MiB); 0 turns the cache off. Lowering it
+        drops the kept blocks that no longer fit, at once.
+
+    Returns
+    -------
+    int
+        The previous limit.
+    """
+    return _cache.set_limit(check_cache_bytes(max_bytes))
+
+
+def get_output_cache():
+    """The output cache's state: ``(max_bytes, kept_bytes, kept_blocks)``."""
+    return _cache.info()
