@@ -50,6 +50,7 @@ into ``shift`` in float64, so ``x - mean`` keeps full precision even when
 ``|mean|`` is 1e6 times the standard deviation (``hi`` is 0 where the mean is
 small enough for one multiply-add to be as accurate, see ``FMA_SAFE``).
 """
+cimport cython
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport fabs, sqrt
@@ -129,6 +130,7 @@ cdef void _free(void* p) noexcept:
         free(p)
 
 
+@cython.no_gc_clear     # the garbage collector must not drop mem while arrays use it
 cdef class OutputBlock:
     """A writable byte buffer of ``nbytes`` in ``mem`` (a 1-D uint8 array, at least
     ``nbytes + 63`` long), starting on a 64-byte line; when the last array made from

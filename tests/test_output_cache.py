@@ -1,4 +1,5 @@
 """The output cache: large outputs reuse the memory of dropped ones, never of live ones."""
+import gc
 import threading
 import tracemalloc
 
@@ -59,6 +60,17 @@ def test_live_outputs_and_their_views_are_never_reused():
     for a in (gx, y2):
         assert not np.shares_memory(a, view)
     np.testing.assert_array_equal(view, kept)
+
+
+def test_outputs_in_reference_cycles_come_back_after_collection():
+    x = make(SHAPE, np.float32, seed=13)
+    y = _train(x)
+    cycle = [y[2:]]
+    cycle.append(cycle)
+    del y, cycle
+    assert fastbn.get_output_cache()[1:] == (0, 0)
+    gc.collect()
+    assert fastbn.get_output_cache()[1:] == (x.nbytes, 1)
 
 
 def test_reused_memory_gives_the_same_results():
