@@ -12,6 +12,7 @@ NumPy and CuPy arrays share, so both backends use it.
 """
 from math import prod
 
+from ._memory import contiguous as _contiguous
 from ._memory import empty as _empty
 
 
@@ -77,10 +78,10 @@ class Plan:
         """Kernel view of ``a`` in this plan's layout, copying only when ``a``'s differs."""
         n_chan = self.shape[1]
         if self.kind == "outer":
-            return xp.ascontiguousarray(a).reshape(self.shape[0], n_chan, self.spatial)
+            return _contiguous(xp, a).reshape(self.shape[0], n_chan, self.spatial)
         if self._keeps_channels_last():
             a = a.transpose((0,) + tuple(range(2, a.ndim)) + (1,))
-        return xp.ascontiguousarray(a).reshape(self.count, n_chan)
+        return _contiguous(xp, a).reshape(self.count, n_chan)
 
 
 def _channels_last(x):
@@ -97,11 +98,11 @@ def plan(xp, x):
     count = n_batch * spatial
     if len(shape) == 2 or spatial == 1:
         flat = x.reshape(n_batch, n_chan) if len(shape) > 2 else x
-        return Plan("inner", xp.ascontiguousarray(flat), shape, count, spatial)
+        return Plan("inner", _contiguous(xp, flat), shape, count, spatial)
     if x.flags.c_contiguous:
         return Plan("outer", x.reshape(n_batch, n_chan, spatial), shape, count, spatial)
     if _channels_last(x):
         view = x.transpose((0,) + tuple(range(2, x.ndim)) + (1,)).reshape(count, n_chan)
         return Plan("inner", view, shape, count, spatial)
-    return Plan("outer", xp.ascontiguousarray(x).reshape(n_batch, n_chan, spatial),
+    return Plan("outer", _contiguous(xp, x).reshape(n_batch, n_chan, spatial),
                 shape, count, spatial)

@@ -10,11 +10,14 @@ two rounds each of cache off and on; the output is dropped after each call):
 (32, 64, 112, 112) float32 forward-train 13.0-15.0 ms against 7.1-7.2 ms (the kernel
 alone: 6.9-7.3 ms), eval 9.2-10.1 against 4.2 ms, backward 16.2-16.9 against
 9.7-10.2 ms; float64 (32, 64, 56, 56) channels-last backward 10.0-10.3 against
-6.1-6.3 ms (benchmarks/results/output-cache-2026-11-28-epyc-2c.txt).
+6.1-6.3 ms (benchmarks/results/output-cache-2026-11-28-epyc-2c-run1.txt). The
+copy that an input in another layout needs before the kernel is such an array too:
+forward-train of a strided (32, 64, 112, 112) float32 view took 34.5-34.7 ms against
+18.8-19.2 ms (run2 there).
 
-So the memory of a large NumPy output, once no array uses it, waits here for the
-next call that needs the same number of bytes, up to a limit in total (the oldest
-waiting block is dropped first when a newer one needs the room).
+So the memory of a large NumPy output or copy, once no array uses it, waits here
+for the next call that needs the same number of bytes, up to a limit in total (the
+oldest waiting block is dropped first when a newer one needs the room).
 """
 import threading
 from math import prod
@@ -86,6 +89,16 @@ def empty(xp, shape, dtype):
     if nbytes < BLOCK_FROM_BYTES or xp.__name__ != "numpy":
         return xp.empty(shape, dtype)
     return xp.frombuffer(_cache.take(xp, nbytes), dtype).reshape(shape)
+
+
+def contiguous(xp, a):
+    """``xp.ascontiguousarray(a)``; a large NumPy copy takes its memory from the cache
+    (the kernels' copies of inputs in other layouts are dropped after the call)."""
+    if a.flags.c_contiguous or a.nbytes < BLOCK_FROM_BYTES or xp.__name__ != "numpy":
+        return xp.ascontiguousarray(a)
+    out = empty(xp, a.shape, a.dtype)
+    xp.copyto(out, a)
+    return out
 
 
 def set_output_cache(max_bytes):

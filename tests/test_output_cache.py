@@ -94,6 +94,17 @@ def test_repeated_calls_allocate_nothing_new():
     assert peak - base < x.nbytes // 4, peak - base
 
 
+def test_copies_of_strided_inputs_come_from_the_cache():
+    x = make(SHAPE, np.float32, seed=14, layout="strided")
+    assert not x.flags.c_contiguous
+    want = _train(np.ascontiguousarray(x))
+    assert fastbn.get_output_cache()[1:] == (0, 0)
+    y = _train(x)
+    # the copy of x is dropped after the call and kept; y is still in use
+    assert fastbn.get_output_cache()[1:] == (x.nbytes, 1)
+    np.testing.assert_array_equal(y, want)
+
+
 def test_small_outputs_bypass_the_cache():
     x = make((4, 8, 16, 16), np.float32, seed=6)
     assert x.nbytes < _memory.BLOCK_FROM_BYTES
