@@ -50,7 +50,6 @@ into ``shift`` in float64, so ``x - mean`` keeps full precision even when
 ``|mean|`` is 1e6 times the standard deviation (``hi`` is 0 where the mean is
 small enough for one multiply-add to be as accurate, see ``FMA_SAFE``).
 """
-cimport cython
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport fabs, sqrt
@@ -130,55 +129,42 @@ cdef void _free(void* p) noexcept:
         free(p)
 
 
-@cython.no_gc_clear     # the garbage collector must not drop mem while arrays use it
 cdef class OutputBlock:
-    """A writable byte buffer of ``nbytes`` in ``mem`` (a 1-D uint8 array, at least
-    ``nbytes + 63`` long), starting on a 64-byte line; when the last array made from
-    it is gone, ``release(mem)`` runs.
+    """``nbytes`` of ``mem`` (a 1-D uint8 array, at least ``nbytes + 63`` long) from a
+    64-byte line on, seen by NumPy as a writable uint8 array (``numpy.asarray``);
+    when the last array made from it is gone, ``release(mem)`` runs.
 
-    The output cache of fastbn/_memory.py hands out arrays made from these: their
-    views all lead back here (NumPy does not collapse a chain of bases past a
-    non-array), so the memory is released only when no array uses it any more.
+    The output cache of fastbn/_memory.py hands out arrays made from these. NumPy
+    gets the memory through ``__array_interface__``, so an array's chain of bases
+    ends at the block itself: the block lives as long as any view of it. (Through
+    the buffer protocol the chain would end at a memoryview, whose ``release()``
+    would let the block go while the arrays still use its memory.)
     """
     cdef object mem
     cdef object release
     cdef char* start
     cdef Py_ssize_t nbytes
-    cdef Py_ssize_t one
 
     def __cinit__(self, mem, Py_ssize_t nbytes, release):
         cdef unsigned char[::1] raw = mem
         cdef Py_ssize_t lead = (-(<size_t> &raw[0])) % 64
-        if nbytes <= 0 or lead + nbytes > raw.shape[0]:
+        if nbytes <= 0 or nbytes > raw.shape[0] - lead:
             raise ValueError(f"fastbn: {nbytes} aligned bytes do not fit a block of "
                              f"{raw.shape[0]}")
         self.mem = mem
         self.release = release
         self.start = <char*> &raw[lead]
         self.nbytes = nbytes
-        self.one = 1
 
     def __dealloc__(self):
-        try:
+        # an error here is reported as unraisable (the memory is then simply freed)
+        if self.release is not None:
             self.release(self.mem)
-        except BaseException:
-            pass    # at interpreter exit the cache may be gone: the memory is freed then
 
-    def __getbuffer__(self, Py_buffer* view, int flags):
-        view.buf = self.start
-        view.obj = self
-        view.len = self.nbytes
-        view.readonly = 0
-        view.itemsize = 1
-        view.format = b"B"
-        view.ndim = 1
-        view.shape = &self.nbytes
-        view.strides = &self.one
-        view.suboffsets = NULL
-        view.internal = NULL
-
-    def __releasebuffer__(self, Py_buffer* view):
-        pass
+    @property
+    def __array_interface__(self):
+        return {"shape": (self.nbytes,), "typestr": "|u1",
+                "data": (<size_t> self.start, False), "version": 3}
 
 
 cdef inline const floating* _opt(const floating[::1] a) noexcept:

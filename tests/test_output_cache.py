@@ -1,6 +1,11 @@
 """The output cache: large outputs reuse the memory of dropped ones, never of live ones."""
 import gc
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -28,7 +33,11 @@ def _train(x):
 
 
 def test_default_limit_and_state():
-    assert fastbn.get_output_cache() == (256 << 20, 0, 0)
+    """A fresh process starts with 256 MiB and nothing kept (the fixture resets it here)."""
+    code = "import fastbn; print(fastbn.get_output_cache())"
+    text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout
+    assert text.strip() == str((256 << 20, 0, 0))
     assert SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3] * 4 >= _memory.BLOCK_FROM_BYTES
 
 
@@ -44,6 +53,56 @@ def test_dropped_output_is_reused(layout):
     assert y.ctypes.data == address
     assert y.ctypes.data % 64 == 0 and y.strides == x.strides
     assert fastbn.get_output_cache()[1:] == (0, 0)
+
+
+def test_base_chain_ends_at_the_block():
+    """No memoryview in the chain: releasing one would free the block under the array."""
+    x = make(SHAPE, np.float32, seed=15, layout="channels_last")
+    for a in (_train(x), _train(x)[1:, ::2].T):
+        chain = []
+        while a is not None:
+            chain.append(a)
+            a = a.base if isinstance(a, np.ndarray) else None
+        assert all(isinstance(b, np.ndarray) for b in chain[:-1])
+        assert isinstance(chain[-1], _cpu.OutputBlock), [type(b) for b in chain]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_a_free_lock():
+    """A fork while another thread holds the cache's lock must not hang the child."""
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with _memory._cache.lock:
+            held.set()
+            done.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:        # the child: no OpenMP here, only the cache
+            try:
+                a = _memory.empty(np, SHAPE, np.float32)
+                del a
+                code = 0 if fastbn.get_output_cache()[2] == 1 else 1
+            finally:
+                os._exit(locals().get("code", 2))
+        deadline = time.monotonic() + 20
+        while True:
+            finished, status = os.waitpid(pid, os.WNOHANG)
+            if finished or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if not finished:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert finished, "the forked child hung on the cache's lock"
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        done.set()
+        t.join()
 
 
 def test_live_outputs_and_their_views_are_never_reused():
@@ -160,8 +219,10 @@ def test_bad_limits_are_rejected_without_change(bad, exc, text):
 
 
 def test_output_block_checks_its_bounds():
-    with pytest.raises(ValueError, match="1000 aligned bytes do not fit a block of 1000"):
-        _cpu.OutputBlock(np.empty(1000, np.uint8), 1000, None)
+    with pytest.raises(ValueError, match="1001 aligned bytes do not fit a block of 1000"):
+        _cpu.OutputBlock(np.empty(1000, np.uint8), 1001, None)
+    with pytest.raises(ValueError, match="aligned bytes do not fit"):
+        _cpu.OutputBlock(np.empty(1000, np.uint8), 2**63 - 1, None)
     with pytest.raises(ValueError, match="0 aligned bytes"):
         _cpu.OutputBlock(np.empty(1000, np.uint8), 0, None)
 
