@@ -5,6 +5,7 @@ import sys
 import numpy as np
 
 from . import _cpu
+from ._memory import get_output_cache
 from ._threads import get_num_threads
 
 
@@ -39,17 +40,25 @@ def config():
         "numpy": np.__version__,
         "openmp": bool(_cpu.HAVE_OPENMP),
         "threads": get_num_threads(),
+        "output_cache": get_output_cache(),
         "cuda_usable": usable,
         "cuda": text,
     }
 
 
+def _mib(nbytes):
+    return f"{nbytes / (1 << 20):g} MiB"
+
+
 def show_config():
-    """Print the fastbn version, OpenMP, thread count, NumPy version and CUDA availability."""
+    """Print the fastbn version, OpenMP, thread count, output cache, NumPy version and
+    CUDA availability."""
     c = config()
     print(f"fastbn      {c['fastbn']}")
     print(f"python      {c['python']} ({c['platform']})")
     print(f"numpy       {c['numpy']}")
     print(f"openmp      {'yes' if c['openmp'] else 'no (serial kernels)'}")
     print(f"threads     {c['threads']}")
+    limit, kept, blocks = c["output_cache"]
+    print(f"out cache   {_mib(limit)} (kept: {_mib(kept)} in {blocks} block(s))")
     print(f"cuda        {c['cuda']}")

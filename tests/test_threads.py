@@ -76,6 +76,9 @@ def test_show_config(capsys):
     for word in ("fastbn", "numpy", "openmp", "threads", "cuda"):
         assert word in out
     assert fastbn.__version__ in out
+    limit, kept, blocks = fastbn.get_output_cache()
+    assert f"out cache   {limit / (1 << 20):g} MiB (kept: {kept / (1 << 20):g} MiB in {blocks} " \
+        "block(s))" in out
 
 
 def _run_over_schedules(x, gy, threads):
