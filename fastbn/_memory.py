@@ -43,7 +43,9 @@ class _OutputCache:
         self.kept = []          # (nbytes, block), oldest first
         self._new_lock()
         # a forked child inherits the lock as it was: held, if another thread held it
-        os.register_at_fork(after_in_child=self._new_lock)
+        # (os.register_at_fork is POSIX-only; Windows has no fork)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._new_lock)
 
     def _new_lock(self):
         # reentrant: a garbage collection or a finalizer that runs inside a locked
