@@ -196,6 +196,41 @@ def test_oldest_block_is_dropped_first():
     assert _train(c).ctypes.data == address_c
 
 
+def test_many_sizes_each_find_their_own_block():
+    sizes = [_memory.BLOCK_FROM_BYTES + 64 * i for i in range(50)]
+    arrays = [_memory.empty(np, (n,), np.uint8) for n in sizes]
+    addresses = [a.ctypes.data for a in arrays]
+    del arrays
+    assert fastbn.get_output_cache()[1:] == (sum(sizes), 50)
+    for n, address in reversed(list(zip(sizes, addresses))):
+        assert _memory.empty(np, (n,), np.uint8).ctypes.data == address
+    assert fastbn.get_output_cache()[1:] == (sum(sizes), 50)   # each came back when dropped
+
+
+def test_bookkeeping_stays_consistent_under_random_use():
+    """Random takes, drops and limit changes; the state must always equal what is kept."""
+    rng = np.random.default_rng(0)
+    sizes = [_memory.BLOCK_FROM_BYTES * k for k in (1, 2, 3)]
+    live = []
+    for _ in range(300):
+        op = rng.integers(4)
+        if op <= 1:
+            live.append(_memory.empty(np, (int(rng.choice(sizes)),), np.uint8))
+        elif op == 2 and live:
+            live.pop(int(rng.integers(len(live))))
+        else:
+            fastbn.set_output_cache(int(rng.choice([0, 2, 5, 9])) * _memory.BLOCK_FROM_BYTES)
+        limit, kept_bytes, blocks = fastbn.get_output_cache()
+        cache = _memory._cache
+        assert kept_bytes == cache.kept_bytes <= limit
+        assert blocks == len(cache.by_age) == sum(len(v) for v in cache.by_size.values())
+        kept_ids = {id(b) for v in cache.by_size.values() for b in v}
+        assert kept_ids == set(cache.by_age)
+        # nothing live is also kept
+        for a in live:
+            assert all(not np.shares_memory(a, b) for _, b in cache.by_age.values())
+
+
 def test_blocks_over_the_limit_are_not_kept():
     x = make(SHAPE, np.float32, seed=11)
     fastbn.set_output_cache(x.nbytes - 1)
