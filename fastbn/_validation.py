@@ -21,28 +21,26 @@ def _type_name(x):
     return f"{mod}.{cls.__name__}" if mod != "builtins" else cls.__name__
 
 
-def check_num_threads(n):
+def _int_at_least(n, name, low):
+    """``n`` as an int >= ``low`` (0: "non-negative", 1: "positive"); bool is refused."""
+    what = "a positive int" if low == 1 else "a non-negative int"
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"num_threads must be a positive int, got {_type_name(n)} {n!r}")
-    if n < 1:
-        raise ValueError(f"num_threads must be a positive int, got {n}")
+        raise TypeError(f"{name} must be {what}, got {_type_name(n)} {n!r}")
+    if n < low:
+        raise ValueError(f"{name} must be {what}, got {n}")
     return int(n)
+
+
+def check_num_threads(n):
+    return _int_at_least(n, "num_threads", 1)
 
 
 def check_cache_bytes(n):
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"max_bytes must be a non-negative int, got {_type_name(n)} {n!r}")
-    if n < 0:
-        raise ValueError(f"max_bytes must be a non-negative int, got {n}")
-    return int(n)
+    return _int_at_least(n, "max_bytes", 0)
 
 
 def check_num_features(n):
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"num_features must be a positive int, got {_type_name(n)} {n!r}")
-    if n < 1:
-        raise ValueError(f"num_features must be a positive int, got {n}")
-    return int(n)
+    return _int_at_least(n, "num_features", 1)
 
 
 def check_eps(eps, training):
