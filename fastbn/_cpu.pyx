@@ -1036,17 +1036,22 @@ ctypedef struct Blocks:
     Py_ssize_t blocks
 
 
+cdef inline Py_ssize_t _rows_of_16(Py_ssize_t n_chan, Py_ssize_t target) noexcept nogil:
+    """The fewest rows of ``n_chan`` values that make at least ``target`` values and a
+    multiple of 16 (aligned SIMD rows)."""
+    cdef Py_ssize_t g = n_chan, t = 16, step
+    while t:
+        g, t = t, g % t
+    step = 16 // g
+    return step * ((target + step * n_chan - 1) // (step * n_chan))
+
+
 cdef Blocks _blocks(Py_ssize_t m, Py_ssize_t n_chan) noexcept nogil:
     cdef Blocks bl
-    cdef Py_ssize_t fold = 1, step = 16, g = n_chan, t
+    cdef Py_ssize_t fold = 1, t
     cdef Py_ssize_t by_size, by_count, by_target
     if n_chan < FOLD_TARGET:
-        # fold rows in steps that make P a multiple of 16 values (aligned SIMD rows)
-        t = 16
-        while t:
-            g, t = t, g % t
-        step = 16 // g
-        fold = step * ((FOLD_TARGET + step * n_chan - 1) // (step * n_chan))
+        fold = _rows_of_16(n_chan, FOLD_TARGET)
     bl.n_chan = n_chan
     bl.width = fold * n_chan
     bl.body_rows = m // fold
@@ -1374,11 +1379,7 @@ cdef inline Py_ssize_t _grad_input_width(Py_ssize_t n_chan, Py_ssize_t width) no
     of _blocks (``width``, over which the callers tile the coefficients) where that is
     no longer. Odd C from 257 up needs 16 rows for a multiple of 16: it keeps the
     folded row, as every C >= 1024 does (rows of C values)."""
-    cdef Py_ssize_t step, g = n_chan, t = 16, rows
-    while t:
-        g, t = t, g % t
-    step = 16 // g
-    rows = step * ((GRAD_INPUT_ROW + step * n_chan - 1) // (step * n_chan)) * n_chan
+    cdef Py_ssize_t rows = _rows_of_16(n_chan, GRAD_INPUT_ROW) * n_chan
     return rows if rows < width else width
 
 
